@@ -1,0 +1,1 @@
+"""ScaleReasoner-JAX: cross-scale reasoning for pathology VLMs on JAX."""

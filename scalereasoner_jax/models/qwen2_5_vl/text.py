@@ -1,0 +1,153 @@
+"""The Qwen2 language model with multimodal RoPE and a static-shape KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scalereasoner_jax.models.qwen2_5_vl.config import TextConfig
+from scalereasoner_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, attention, param, rotate_half
+from scalereasoner_jax.parallel import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values (B, T, K, D), which slots hold real tokens, and the next write slot.
+
+    Prompts are left-padded to one length, so every row writes at the same ``index``.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array  # (B, T) bool
+    index: jax.Array  # () int32
+
+    @classmethod
+    def create(cls, cfg: TextConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        layers = range(cfg.num_hidden_layers)
+        return cls(
+            k=tuple(zeros() for _ in layers),
+            v=tuple(zeros() for _ in layers),
+            valid=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+def mrope_axis_of_dim(cfg: TextConfig) -> np.ndarray:
+    """For each of the head_dim/2 rotary frequencies, which position axis (t, h, w) drives it."""
+    return np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section)
+
+
+def mrope(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin (B, S, head_dim) from (3, B, S) positions, as transformers' multimodal rotary."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    pos = positions[mrope_axis_of_dim(cfg)].astype(jnp.float32)  # (D/2, B, S)
+    freqs = jnp.moveaxis(pos, 0, -1) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array] | None, index):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            k = constrain(k, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
+            v = constrain(v, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, s, -1)), (k, v)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv, index):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed")), kv
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens[...].astype(self.dtype)[input_ids]
+
+    def __call__(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Run the decoder over ``embeds`` (B, S, D) at mRoPE ``positions`` (3, B, S).
+
+        ``token_mask`` (B, S) marks real tokens (0 = padding). Without a cache, attention is causal over
+        this chunk. With one, the chunk is written at ``cache.index`` and attends to every valid slot
+        before it: a prefill when S > 1, one decode step when S = 1.
+        """
+        b, s, _ = embeds.shape
+        x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        cos, sin = mrope(positions, self.cfg, self.dtype)
+        token_mask = token_mask.astype(bool)
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            key_valid = token_mask
+        else:
+            index = cache.index
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, index, axis=1)
+        q_pos = index + jnp.arange(s)
+        k_pos = jnp.arange(key_valid.shape[1])
+        mask = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # (B, S, T)
+
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, cos, sin, mask, kv, index)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=index + s)
