@@ -145,7 +145,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) ->
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
     """Place every parameter of ``model`` on ``mesh`` as its logical axes declare (in place)."""
-    graphdef, state = nnx.split(model)
+    state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
     state = jax.tree.map(
         lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_value())),

@@ -98,7 +98,8 @@ class Qwen25VLConfig:
         archs = cfg.get("architectures") or []
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(
-                f"config.json: unsupported 'architectures' {archs}; supported: {list(SUPPORTED_ARCHITECTURES)}"
+                f"config.json: unsupported 'architectures' {archs}; "
+                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
             )
         model_type = _require(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -153,7 +154,8 @@ class Qwen25VLConfig:
             raise ConfigError(f"config.json: unsupported '{prefix}hidden_act' {text.hidden_act!r}")
         if 2 * sum(text.mrope_section) != text.head_dim:
             raise ConfigError(
-                f"config.json: '{prefix}rope_parameters.mrope_section' {list(text.mrope_section)} must sum to "
+                f"config.json: '{prefix}rope_parameters.mrope_section' {list(text.mrope_section)} "
+                "must sum to "
                 f"head_dim/2 = {text.head_dim // 2}"
             )
         eos = txt.get("eos_token_id", cfg.get("eos_token_id"))
@@ -165,7 +167,9 @@ class Qwen25VLConfig:
             image_token_id=_require(cfg, "image_token_id", ""),
             video_token_id=_require(cfg, "video_token_id", ""),
             vision_start_token_id=_require(cfg, "vision_start_token_id", ""),
-            vision_end_token_id=cfg.get("vision_end_token_id", _require(cfg, "vision_start_token_id", "") + 1),
+            vision_end_token_id=cfg.get(
+                "vision_end_token_id", _require(cfg, "vision_start_token_id", "") + 1
+            ),
             tie_word_embeddings=tie,
             eos_token_id=eos,
             raw=dict(cfg),

@@ -76,15 +76,20 @@ def rotate_half(x: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
-    q: (..., S, H, D); k, v: (..., T, K, D) with H a multiple of K; mask: broadcastable to (..., S, T),
-    True where attending is allowed. Scores and softmax in float32, the weighted sum in q's dtype.
+    q: (B, S, H, D); k, v: (B, T, K, D) with H a multiple of K; mask: (B, S, T) or (B, 1, T), True where
+    attending is allowed. Scores and softmax in float32, the weighted sum in v's dtype.
+
+    The query heads sharing a KV head are folded into the query axis, so both contractions are plain
+    batched matmuls over (B, K); the mask enters as an additive bias that XLA fuses into the softmax.
     """
-    *lead, s, h, d = q.shape
-    kv_heads = k.shape[-2]
-    qg = q.reshape(*lead, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("...skgd,...tkd->...kgst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask[..., None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgst,...tkd->...skgd", probs, v)
-    return out.reshape(*lead, s, h, d)
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qt = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D)
+    scores = jnp.einsum("bkqd,bktd->bkqt", qt, kt, preferred_element_type=jnp.float32)
+    bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]  # (B, 1, 1, S|1, T)
+    scores = scores.reshape(b, kv, g, s, -1) * (d**-0.5) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * s, -1)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, vt)
+    return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

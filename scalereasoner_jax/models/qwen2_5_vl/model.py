@@ -111,7 +111,9 @@ def prepare_inputs(
         ids = ids[None]
     if ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, length), got shape {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape[0], -1)
+    mask = (
+        np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape[0], -1)
+    )
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     if (pixel_values is None) != (image_grid_thw is None):
@@ -136,7 +138,9 @@ def prepare_inputs(
             )
         vision = vision_layout(grid, cfg.vision)
     elif n_image_tokens:
-        raise InputError(f"the prompts hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given")
+        raise InputError(
+            f"the prompts hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given"
+        )
     positions, next_position = get_rope_index(cfg, ids, mask, grid)
     return ModelInputs(
         input_ids=ids.astype(np.int32),
@@ -151,7 +155,9 @@ def prepare_inputs(
 class Qwen25VL(nnx.Module):
     """Qwen2_5_VLForConditionalGeneration in Flax NNX."""
 
-    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         param_dtype = param_dtype or dtype
         self.config = config
@@ -159,9 +165,19 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         t = config.text
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, param_dtype=param_dtype,
-            rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(
+                t.hidden_size,
+                t.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
 
     # -- traced pieces -------------------------------------------------------------------------
     def image_features(self, inputs: ModelInputs) -> jax.Array | None:
@@ -226,8 +242,9 @@ class Qwen25VL(nnx.Module):
         """Accepts a HF processor's output directly (``mm_token_type_ids`` and the like are ignored)."""
         if unused.get("pixel_values_videos") is not None:
             raise InputError("video inputs are not supported")
-        inputs = prepare_inputs(self.config, _np(input_ids), _np(attention_mask), _np(pixel_values),
-                                _np(image_grid_thw))
+        inputs = prepare_inputs(
+            self.config, _np(input_ids), _np(attention_mask), _np(pixel_values), _np(image_grid_thw)
+        )
         graphdef, state = nnx.split(self)
         return CausalLMOutput(logits=_jit_forward(graphdef, state, inputs))
 

@@ -57,23 +57,42 @@ def _table(cfg: Qwen25VLConfig) -> list[tuple[str, str, tuple[Callable, Callable
         (r"visual\.blocks\.(\d+)\.norm(1|2)\.weight", "visual.blocks.{0}.norm{1}.scale", ident),
         (r"visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.weight", "visual.blocks.{0}.attn.{1}.kernel", lin),
         (r"visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.bias", "visual.blocks.{0}.attn.{1}.bias", ident),
-        (r"visual\.blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
-         "visual.blocks.{0}.mlp.{1}.kernel", lin),
-        (r"visual\.blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias", "visual.blocks.{0}.mlp.{1}.bias", ident),
+        (
+            r"visual\.blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
+            "visual.blocks.{0}.mlp.{1}.kernel",
+            lin,
+        ),
+        (
+            r"visual\.blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias",
+            "visual.blocks.{0}.mlp.{1}.bias",
+            ident,
+        ),
         (r"visual\.merger\.ln_q\.weight", "visual.merger.ln_q.scale", ident),
         (r"visual\.merger\.mlp\.0\.weight", "visual.merger.fc1.kernel", lin),
         (r"visual\.merger\.mlp\.0\.bias", "visual.merger.fc1.bias", ident),
         (r"visual\.merger\.mlp\.2\.weight", "visual.merger.fc2.kernel", lin),
         (r"visual\.merger\.mlp\.2\.bias", "visual.merger.fc2.bias", ident),
         (r"model\.embed_tokens\.weight", "language_model.embed_tokens", ident),
-        (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-         "language_model.layers.{0}.{1}.scale", ident),
-        (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
-         "language_model.layers.{0}.self_attn.{1}.kernel", lin),
-        (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias",
-         "language_model.layers.{0}.self_attn.{1}.bias", ident),
-        (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
-         "language_model.layers.{0}.mlp.{1}.kernel", lin),
+        (
+            r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+            "language_model.layers.{0}.{1}.scale",
+            ident,
+        ),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+            "language_model.layers.{0}.self_attn.{1}.kernel",
+            lin,
+        ),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias",
+            "language_model.layers.{0}.self_attn.{1}.bias",
+            ident,
+        ),
+        (
+            r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
+            "language_model.layers.{0}.mlp.{1}.kernel",
+            lin,
+        ),
         (r"model\.norm\.weight", "language_model.norm.scale", ident),
     ]
     if not cfg.tie_word_embeddings:
@@ -112,7 +131,7 @@ def path_to_hf(cfg: Qwen25VLConfig, path: Path_) -> tuple[str, Callable]:
         groups = re.findall(r"\([^)]*\)", pattern)
         regex = re.escape(template)
         for k, g in enumerate(groups):
-            regex = regex.replace(re.escape("{%d}" % k), g)
+            regex = regex.replace(re.escape(f"{{{k}}}"), g)
         m = re.fullmatch(regex, dotted)
         if m:
             name = pattern
@@ -175,10 +194,15 @@ def from_pretrained(
             continue
         value = to_ours(tensor)
         if value.shape != var.shape:
-            bad_shapes.append(f"{name}: checkpoint {tuple(tensor.shape)} -> {value.shape}, model expects {var.shape}")
+            bad_shapes.append(
+                f"{name}: checkpoint {tuple(tensor.shape)} -> {value.shape}, model expects {var.shape}"
+            )
             continue
-        sharding = param_sharding(var, mesh, rules) if mesh is not None else NamedSharding(
-            jax.sharding.Mesh(np.array([device]), ("_",)), PartitionSpec())
+        sharding = (
+            param_sharding(var, mesh, rules)
+            if mesh is not None
+            else NamedSharding(jax.sharding.Mesh(np.array([device]), ("_",)), PartitionSpec())
+        )
         host = np.ascontiguousarray(value.astype(var.dtype))
         array = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
         loaded[path] = var.replace(array)
@@ -213,9 +237,18 @@ def hf_state_dict(model: Qwen25VL, dtype=None) -> Iterator[tuple[str, np.ndarray
 
 
 _COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
 )
 
 

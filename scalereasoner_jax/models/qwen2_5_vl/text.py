@@ -63,7 +63,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, **kw)
         self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
@@ -127,7 +131,7 @@ class TextModel(nnx.Module):
         this chunk. With one, the chunk is written at ``cache.index`` and attends to every valid slot
         before it: a prefill when S > 1, one decode step when S = 1.
         """
-        b, s, _ = embeds.shape
+        s = embeds.shape[1]
         x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         cos, sin = mrope(positions, self.cfg, self.dtype)
         token_mask = token_mask.astype(bool)

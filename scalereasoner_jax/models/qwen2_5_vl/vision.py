@@ -54,6 +54,12 @@ def _groups(members: list[np.ndarray], n: int) -> AttentionGroups:
     return AttentionGroups(index=index, valid=valid, inverse=inverse)
 
 
+def _merge_block_order(a: np.ndarray, m: int) -> np.ndarray:
+    """Flatten an (h, w) grid merge-block by merge-block, the order the processor emits patches in."""
+    h, w = a.shape
+    return a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+
+
 def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionLayout:
     """Rotary positions, window groups and per-image groups for patches in the processor's order.
 
@@ -69,8 +75,7 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionLayout:
             raise ValueError(f"image_grid_thw entry {(t, h, w)} is not a multiple of spatial_merge_size {m}")
         bh, bw = h // m, w // m
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        order = lambda a: a.reshape(bh, m, bw, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
-        frame_pos = np.stack([order(rows), order(cols)], axis=-1)
+        frame_pos = np.stack([_merge_block_order(rows, m), _merge_block_order(cols, m)], axis=-1)
         block = np.arange(bh * bw).reshape(bh, bw)
         for _ in range(t):
             positions.append(frame_pos)
@@ -97,21 +102,28 @@ def _rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Arra
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _rotate(t: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """The vision tower applies its rotary embedding in float32, as transformers does."""
+    t32 = t.astype(jnp.float32)
+    return (t32 * cos + rotate_half(t32) * sin).astype(t.dtype)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.qkv = Linear(d, 3 * d, ("vis_embed", "vis_heads"), bias=True, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
-        self.proj = Linear(d, d, ("vis_heads", "vis_embed"), bias=True, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Linear(
+            d, 3 * d, ("vis_embed", "vis_heads"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.proj = Linear(
+            d, d, ("vis_heads", "vis_embed"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, groups: AttentionGroups) -> jax.Array:
         n, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
         cos, sin = cos[:, None, :], sin[:, None, :]
-        rot = lambda t: (t.astype(jnp.float32) * cos + rotate_half(t.astype(jnp.float32)) * sin).astype(t.dtype)  # noqa: E731
-        q, k = rot(q), rot(k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         q, k, v = (t[groups.index] for t in (q, k, v))  # (G, L, H, D)
         out = attention(q, k, v, groups.valid[:, None, :])
         out = out.reshape(-1, d)[groups.inverse]
@@ -152,7 +164,9 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Conv3d with stride == kernel is a matmul over flattened (C, T, P, P) patches.
-        self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), ("vis_patch", "vis_embed"), param_dtype)
+        self.patch_embed = param(
+            rngs, (cfg.patch_dim, cfg.hidden_size), ("vis_patch", "vis_embed"), param_dtype
+        )
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
