@@ -10,7 +10,15 @@ import numpy as np
 from flax import nnx
 
 from scalereasoner_jax.models.qwen2_5_vl.config import TextConfig
-from scalereasoner_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, attention, param, rotate_half
+from scalereasoner_jax.models.qwen2_5_vl.layers import (
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    attention,
+    causal_attention,
+    param,
+    rotate_half,
+)
 from scalereasoner_jax.parallel import constrain
 
 
@@ -87,7 +95,9 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             k = constrain(k, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
             v = constrain(v, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        else:
+            out = causal_attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 
