@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint bench clean
 
 setup: $(STAMP)
 
