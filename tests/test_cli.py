@@ -14,7 +14,7 @@ PATCHES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patc
 
 
 def test_parity_command_passes_on_a_good_folder(tiny_hf_dir):
-    images = [str(p) for p in sorted(PATCHES.glob("cmu1_*.png"))]
+    images = [str(p) for p in sorted(PATCHES.glob("cmu1_*.png"))]  # the real patches when present
     cmd = [sys.executable, "-m", "scalereasoner_jax.cli", "parity", "--hf-model", str(tiny_hf_dir), "--json"]
     for image in images:
         cmd += ["--image", image]
@@ -23,7 +23,7 @@ def test_parity_command_passes_on_a_good_folder(tiny_hf_dir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "parity PASS (float32" in proc.stdout
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert report["passed"] and report["n_images"] == len(images)
+    assert report["passed"] and report["n_images"] == (len(images) or 3)  # else 3 probe images
     assert report["max_rel_diff"] < 1e-4
 
 
