@@ -1,0 +1,220 @@
+"""The Grain input pipeline: packaged examples -> model-ready, fixed-shape batches.
+
+    source (tfds.data_source or any random-access sequence of examples)
+      -> shuffle (seeded; reseeded every epoch) -> repeat -> this process's shard
+      -> option shuffling (training augmentation, seeded per example)
+      -> prompt of DESIGN.md §3 through the chat template, image processing as the model's processor
+      -> batches left-padded to a few fixed length buckets (jit compiles once per bucket)
+
+The iterator is checkpointable: ``it.get_state()`` / ``it.set_state(state)`` give the same next batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import PIL.Image
+
+from scalereasoner_jax.models.qwen2_5_vl.processing import DEFAULT_INSTRUCTION, PromptEncoder, build_messages
+
+QUESTION_TYPES = ("type_A", "type_B", "type_C", "type_D", "type_E")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1  # None: repeat forever
+    length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    drop_remainder: bool = True
+    shuffle_options: bool = False  # augmentation: permute option texts, remap the answer
+    drop_images: bool = False  # the same prompt without its images (ablations, blind evaluation)
+    instruction: str = DEFAULT_INSTRUCTION
+    worker_count: int = 0  # Grain worker processes (0: in this process)
+    read_threads: int = 0  # Grain reader threads per process
+
+
+class PipelineError(ValueError):
+    """An example the pipeline cannot turn into a batch; the message names it."""
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, bytes | np.bytes_):
+        return bytes(x).decode("utf-8")
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        return _text(x.item())
+    return str(x)
+
+
+def _options(raw: Any) -> dict[str, str]:
+    """TFDS gives a Sequence of dicts as a dict of lists; accept a list of dicts or a mapping too."""
+    if isinstance(raw, Mapping) and set(raw) == {"letter", "text"}:
+        return {_text(k): _text(v) for k, v in zip(raw["letter"], raw["text"], strict=True)}
+    if isinstance(raw, Mapping):
+        return {_text(k): _text(v) for k, v in raw.items()}
+    return {_text(o["letter"]): _text(o["text"]) for o in raw}
+
+
+def _image(x: Any) -> PIL.Image.Image | np.ndarray:
+    if isinstance(x, bytes | np.bytes_):
+        return PIL.Image.open(io.BytesIO(bytes(x)))
+    return np.asarray(x)
+
+
+def _question_type(x: Any) -> str:
+    if isinstance(x, int | np.integer):
+        return QUESTION_TYPES[int(x)]
+    return _text(x)
+
+
+def normalize_example(example: Mapping[str, Any]) -> dict[str, Any]:
+    """A packaged example (TFDS features of the Scale-VQA builder) as plain Python values."""
+    return {
+        "id": _text(example["id"]),
+        "question": _text(example["question"]),
+        "options": _options(example["options"]),
+        "answer": _text(example["answer"]),
+        "question_type": _question_type(example["question_type"]),
+        "images": [_image(x) for x in example["images"]],
+        "magnifications": [_text(m) for m in example.get("magnifications", [])],
+    }
+
+
+def shuffle_options(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Permute the option texts over the same letters and move the answer with its text."""
+    letters = list(example["options"])
+    texts = [example["options"][k] for k in letters]
+    order = rng.permutation(len(texts))
+    key_text = example["options"][example["answer"]]
+    options = {letter: texts[i] for letter, i in zip(letters, order, strict=True)}
+    answer = next(letter for letter, text in options.items() if text == key_text)
+    return {**example, "options": options, "answer": answer}
+
+
+def encode_example(example: dict[str, Any], encoder: PromptEncoder, config: PipelineConfig) -> dict[str, Any]:
+    """Prompt + tokens + pixels for one normalised example."""
+    images = [] if config.drop_images else example["images"]
+    messages = build_messages(
+        example["question"], example["options"], len(images), instruction=config.instruction
+    )
+    try:
+        enc = encoder(messages, images)
+    except Exception as err:
+        raise PipelineError(f"example {example['id']}: {err}") from err
+    out = {
+        "input_ids": enc["input_ids"][0].astype(np.int32),
+        "id": example["id"],
+        "answer": example["answer"],
+        "options": "".join(example["options"]),
+        "question_type": QUESTION_TYPES.index(example["question_type"]),
+    }
+    if images:
+        out["pixel_values"] = enc["pixel_values"]
+        out["image_grid_thw"] = enc["image_grid_thw"].astype(np.int32)
+    return out
+
+
+def bucket_length(length: int, buckets: Sequence[int], what: str = "prompt") -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise PipelineError(f"{what} of {length} tokens is longer than the largest length bucket {max(buckets)}")
+
+
+def collate(items: Sequence[dict[str, Any]], pad_id: int, buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """Left-pad a list of encoded examples to the smallest bucket that fits them all."""
+    longest = max(len(x["input_ids"]) for x in items)
+    ids_of_longest = [x["id"] for x in items if len(x["input_ids"]) == longest]
+    length = bucket_length(longest, buckets, what=f"example {ids_of_longest[0]}'s prompt")
+    input_ids = np.full((len(items), length), pad_id, np.int32)
+    attention_mask = np.zeros((len(items), length), np.int32)
+    for row, x in enumerate(items):
+        n = len(x["input_ids"])
+        input_ids[row, length - n :] = x["input_ids"]
+        attention_mask[row, length - n :] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "id": np.array([x["id"] for x in items]),
+        "answer": np.array([x["answer"] for x in items]),
+        "options": np.array([x["options"] for x in items]),
+        "question_type": np.array([x["question_type"] for x in items], np.int32),
+        "n_images": np.array([len(x.get("image_grid_thw", ())) for x in items], np.int32),
+    }
+    with_images = [x for x in items if "pixel_values" in x]
+    if with_images:
+        batch["pixel_values"] = np.concatenate([x["pixel_values"] for x in with_images])
+        batch["image_grid_thw"] = np.concatenate([x["image_grid_thw"] for x in with_images])
+    return batch
+
+
+def make_dataset(
+    source: Sequence[Mapping[str, Any]],
+    encoder: PromptEncoder,
+    config: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The whole pipeline for this process. ``source`` is e.g. ``tfds.data_source(...)``."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    pad_id = encoder.tokenizer.pad_token_id
+    if pad_id is None:
+        raise PipelineError("the tokenizer has no pad token; left padding needs one")
+
+    ds = grain.MapDataset.source(source)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    # Every process shuffles identically, then takes every process_count-th example: disjoint shards
+    # that together cover each epoch.
+    ds = ds[process_index::process_count]
+    ds = ds.map(normalize_example)
+    if config.shuffle_options:
+        ds = ds.random_map(shuffle_options, seed=config.seed + 1)
+    # Module-level functions bound with partial: the stages must pickle for Grain worker processes.
+    ds = ds.map(functools.partial(encode_example, encoder=encoder, config=config))
+    ds = ds.batch(
+        config.batch_size,
+        drop_remainder=config.drop_remainder,
+        batch_fn=functools.partial(collate, pad_id=pad_id, buckets=config.length_buckets),
+    )
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2))
+    if config.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app none are parsed
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    return it_ds
+
+
+def data_source(
+    dataset: str | Path, split: str, data_dir: str | Path | None = None
+) -> Sequence[Mapping[str, Any]]:
+    """Random access to a built TFDS dataset without TensorFlow.
+
+    ``dataset`` is a registered name (e.g. ``scale_vqa``) or the path of a built dataset version
+    directory; images come back as encoded bytes and are decoded by the pipeline.
+    """
+    import tensorflow_datasets as tfds
+
+    path = Path(dataset)
+    decoders = {"images": tfds.decode.SkipDecoding()}
+    if path.is_dir():
+        builder = tfds.builder_from_directory(str(path))
+        return builder.as_data_source(split=split, decoders=decoders)
+    return tfds.data_source(
+        str(dataset), split=split, data_dir=str(data_dir) if data_dir else None, decoders=decoders
+    )
