@@ -18,7 +18,61 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _data_build(args: argparse.Namespace) -> int:
+    if args.dataset == "scale_vqa":
+        from scalereasoner_jax.data.build import build_scale_vqa
+        from scalereasoner_jax.data.schema import ValidationError
+
+        try:
+            result = build_scale_vqa(
+                args.manual_dir,
+                args.data_dir,
+                skip_invalid=args.skip_invalid,
+                max_image_pixels=args.max_image_pixels,
+                overwrite=args.overwrite,
+            )
+        except ValidationError as err:
+            print(err, file=sys.stderr)
+            return 1
+    else:
+        from scalereasoner_jax.data.wsi import ManifestError, SlideError
+        from scalereasoner_jax.data.wsi_build import build_wsi_cross_scale
+
+        config = json.loads(args.config) if args.config else {}
+        try:
+            result = build_wsi_cross_scale(args.manual_dir, args.data_dir, **config)
+        except (ManifestError, SlideError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.data.synthetic import synthesize
+
+    result = synthesize(args.out, args.n, seed=args.seed)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.data.inspect import inspect_dataset
+
+    result = inspect_dataset(args.dataset, args.data_dir, args.out, split=args.split, index=args.index)
+    for split, counts in result["counts"].items():
+        print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"example {result['index']} of {result['split']} drawn to {result['png']}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "data":
+        from scalereasoner_jax.bench.data import format_result as format_data
+        from scalereasoner_jax.bench.data import run as run_data
+
+        print(format_data(run_data(n=args.examples, batch_size=args.batch_size, out_json=args.out)))
+        return 0
     if args.what == "forward":
         from scalereasoner_jax.bench.forward import format_result, run
 
@@ -54,8 +108,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.set_defaults(func=_parity)
 
+    d = sub.add_parser("data", help="build, synthesise and inspect datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    db = dsub.add_parser("build", help="build a TFDS dataset (no TensorFlow needed)")
+    db.add_argument("dataset", choices=["scale_vqa", "wsi_cross_scale"])
+    db.add_argument(
+        "--manual_dir",
+        "--manual-dir",
+        dest="manual_dir",
+        required=True,
+        help="scale_vqa: train/val/test.json + images; wsi_cross_scale: manifest + slides",
+    )
+    db.add_argument("--data_dir", "--data-dir", dest="data_dir", required=True, help="TFDS data_dir to write")
+    db.add_argument(
+        "--skip_invalid",
+        "--skip-invalid",
+        dest="skip_invalid",
+        action="store_true",
+        help="scale_vqa: skip bad records and write skip_report.json (default: fail)",
+    )
+    db.add_argument(
+        "--max_image_pixels",
+        "--max-image-pixels",
+        dest="max_image_pixels",
+        type=int,
+        default=2**26,
+        help="scale_vqa: refuse images above this many pixels",
+    )
+    db.add_argument("--overwrite", action="store_true", help="scale_vqa: rebuild an existing version")
+    db.add_argument(
+        "--config",
+        default=None,
+        help="wsi_cross_scale: builder config as JSON, e.g. '{\"magnifications\": [5, 10, 20]}'",
+    )
+    db.set_defaults(func=_data_build)
+    ds = dsub.add_parser("synth", help="write a synthetic cross-scale set in the Scale-VQA release layout")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--n", type=int, required=True, help="number of questions")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(func=_data_synth)
+    di = dsub.add_parser("inspect", help="counts per split and question type; one example drawn to a PNG")
+    di.add_argument(
+        "dataset", help="a registered name (with --data_dir) or a built dataset version directory"
+    )
+    di.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
+    di.add_argument("--split", default=None)
+    di.add_argument("--index", type=int, default=0)
+    di.add_argument("--out", default="example.png")
+    di.set_defaults(func=_data_inspect)
+
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
-    b.add_argument("what", choices=["forward"])
+    b.add_argument("what", choices=["forward", "data"])
+    b.add_argument("--examples", type=int, default=240, help="data: examples in the synthetic set")
+    b.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--images", type=int, default=3)
     b.add_argument("--image-side", "--image_side", dest="image_side", type=int, default=448)

@@ -22,7 +22,13 @@ import grain
 import numpy as np
 import PIL.Image
 
-from scalereasoner_jax.models.qwen2_5_vl.processing import DEFAULT_INSTRUCTION, PromptEncoder, build_messages
+from scalereasoner_jax.models.qwen2_5_vl.processing import (
+    DEFAULT_INSTRUCTION,
+    ImageProcessor,
+    PromptEncoder,
+    build_messages,
+    tokenize_prompt,
+)
 
 QUESTION_TYPES = ("type_A", "type_B", "type_C", "type_D", "type_E")
 
@@ -100,26 +106,39 @@ def shuffle_options(example: dict[str, Any], rng: np.random.Generator) -> dict[s
 
 
 def encode_example(example: dict[str, Any], encoder: PromptEncoder, config: PipelineConfig) -> dict[str, Any]:
-    """Prompt + tokens + pixels for one normalised example."""
+    """Tokens and resized uint8 views for one normalised example (the expensive, per-example work)."""
     images = [] if config.drop_images else example["images"]
     messages = build_messages(
         example["question"], example["options"], len(images), instruction=config.instruction
     )
+    processor = encoder.image_processor
     try:
-        enc = encoder(messages, images)
+        resized = [processor.resize(img, i) for i, img in enumerate(images)]
+        grids = np.array([processor.grid(r) for r in resized], np.int32).reshape(-1, 3)
+        tokens = tokenize_prompt(encoder.tokenizer, messages, grids, processor.merge_size)
     except Exception as err:
         raise PipelineError(f"example {example['id']}: {err}") from err
-    out = {
-        "input_ids": enc["input_ids"][0].astype(np.int32),
+    return {
+        "input_ids": tokens["input_ids"][0].astype(np.int32),
         "id": example["id"],
         "answer": example["answer"],
         "options": "".join(example["options"]),
         "question_type": QUESTION_TYPES.index(example["question_type"]),
+        "images": resized,
+        "image_grid_thw": grids,
     }
+
+
+def patchify_batch(batch: dict[str, Any], processor: ImageProcessor) -> dict[str, Any]:
+    """Resized uint8 views -> the model's ``pixel_values``: cheap and vectorised, so it runs after the
+    worker processes and only compact uint8 images cross process boundaries."""
+    batch = dict(batch)
+    images = batch.pop("images")
     if images:
-        out["pixel_values"] = enc["pixel_values"]
-        out["image_grid_thw"] = enc["image_grid_thw"].astype(np.int32)
-    return out
+        batch["pixel_values"] = np.concatenate([processor.patchify(img)[0] for img in images])
+    else:
+        del batch["image_grid_thw"]
+    return batch
 
 
 def bucket_length(length: int, buckets: Sequence[int], what: str = "prompt") -> int:
@@ -130,7 +149,8 @@ def bucket_length(length: int, buckets: Sequence[int], what: str = "prompt") -> 
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int, buckets: Sequence[int]) -> dict[str, np.ndarray]:
-    """Left-pad a list of encoded examples to the smallest bucket that fits them all."""
+    """Left-pad a list of encoded examples to the smallest bucket that fits them all; the views of all
+    examples are listed in order (``patchify_batch`` turns them into ``pixel_values``)."""
     longest = max(len(x["input_ids"]) for x in items)
     ids_of_longest = [x["id"] for x in items if len(x["input_ids"]) == longest]
     length = bucket_length(longest, buckets, what=f"example {ids_of_longest[0]}'s prompt")
@@ -147,12 +167,10 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, buckets: Sequence[int]
         "answer": np.array([x["answer"] for x in items]),
         "options": np.array([x["options"] for x in items]),
         "question_type": np.array([x["question_type"] for x in items], np.int32),
-        "n_images": np.array([len(x.get("image_grid_thw", ())) for x in items], np.int32),
+        "n_images": np.array([len(x["images"]) for x in items], np.int32),
     }
-    with_images = [x for x in items if "pixel_values" in x]
-    if with_images:
-        batch["pixel_values"] = np.concatenate([x["pixel_values"] for x in with_images])
-        batch["image_grid_thw"] = np.concatenate([x["image_grid_thw"] for x in with_images])
+    batch["images"] = [img for x in items for img in x["images"]]
+    batch["image_grid_thw"] = np.concatenate([x["image_grid_thw"] for x in items])
     return batch
 
 
@@ -197,7 +215,7 @@ def make_dataset(
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app none are parsed
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    return it_ds
+    return it_ds.map(functools.partial(patchify_batch, processor=encoder.image_processor))
 
 
 def data_source(
@@ -210,8 +228,10 @@ def data_source(
     """
     import tensorflow_datasets as tfds
 
+    from scalereasoner_jax.data.build import raw_image_decoders
+
     path = Path(dataset)
-    decoders = {"images": tfds.decode.SkipDecoding()}
+    decoders = raw_image_decoders()
     if path.is_dir():
         builder = tfds.builder_from_directory(str(path))
         return builder.as_data_source(split=split, decoders=decoders)

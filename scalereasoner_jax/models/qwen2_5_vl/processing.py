@@ -360,18 +360,29 @@ class ImageProcessor:
             return _array_to_rgb(image, self.backend)
         raise TypeError(f"{name}: unsupported image type {type(image).__name__}")
 
-    def _patchify(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """Resize, normalise and flatten one RGB image into (grid_h*grid_w, C*T*P*P) patches."""
-        height, width = rgb.shape[:2]
-        th, tw = self.target_size(height, width)
+    def resize(self, image: ImageInput, index: int = 0) -> np.ndarray:
+        """Load and resize one image to its target size: (H, W, 3) uint8 with H, W multiples of 28.
+
+        This is the expensive half of processing (decode + antialiased resize); ``patchify`` is the
+        cheap, vectorised other half, so a data pipeline can run this in worker processes and ship
+        compact uint8 images instead of float32 patches.
+        """
+        rgb = self.load_rgb(image, index)
+        th, tw = self.target_size(*rgb.shape[:2])
         if self.backend == "pil" and self.resample != BICUBIC:
-            resized = np.asarray(PIL.Image.fromarray(rgb).resize((tw, th), self.resample))
-        else:
-            resized = resize_bicubic_antialias(rgb, th, tw, self.backend)
+            return np.asarray(PIL.Image.fromarray(rgb).resize((tw, th), self.resample))
+        return resize_bicubic_antialias(rgb, th, tw, self.backend)
+
+    def grid(self, resized: np.ndarray) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of a resized image."""
+        return (1, resized.shape[0] // self.patch_size, resized.shape[1] // self.patch_size)
+
+    def patchify(self, resized: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Normalise and flatten one resized image into (grid_h*grid_w, C*T*P*P) patches."""
         mean, std = self._mean_std
         chw = (np.moveaxis(resized, -1, 0).astype(np.float32) - mean[:, None, None]) / std[:, None, None]
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = th // p, tw // p
+        _, gh, gw = self.grid(resized)
         c = chw.shape[0]
         x = chw.reshape(c, gh // m, m, p, gw // m, m, p)
         x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
@@ -386,7 +397,7 @@ class ImageProcessor:
             raise ValueError("no images given")
         patches, grids = [], []
         for i, image in enumerate(images):
-            flat, grid = self._patchify(self.load_rgb(image, i))
+            flat, grid = self.patchify(self.resize(image, i))
             patches.append(flat)
             grids.append(grid)
         return {
@@ -462,25 +473,34 @@ def encode_prompt(
     Returns numpy `input_ids`, `attention_mask`, `mm_token_type_ids` (1 = image token), each
     (1, L) int64, plus `pixel_values` and `image_grid_thw`; equal to HF `Qwen2_5_VLProcessor`.
     """
+    vision = image_processor(images) if images else {}
+    grids = vision.get("image_grid_thw", np.zeros((0, 3), np.int64))
+    return {**tokenize_prompt(tokenizer, messages, grids, image_processor.merge_size), **vision}
+
+
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    image_grid_thw: np.ndarray | Sequence[Sequence[int]],
+    merge_size: int = 2,
+) -> dict[str, np.ndarray]:
+    """Render the chat template (generation prompt on), expand each image pad to its grid's token
+    count, tokenize. Returns (1, L) int64 `input_ids`, `attention_mask`, `mm_token_type_ids`."""
     text = tokenizer.apply_chat_template(_strip_images(messages), tokenize=False, add_generation_prompt=True)
     n_pads = text.count(IMAGE_TOKEN)
-    if n_pads != len(images):
-        raise ValueError(f"the prompt has {n_pads} image placeholders but {len(images)} images were given")
-    vision: dict[str, np.ndarray] = {}
-    if images:
-        vision = image_processor(images)
-        merge = image_processor.merge_size**2
-        counts = [int(np.prod(g)) // merge for g in vision["image_grid_thw"]]
+    if n_pads != len(image_grid_thw):
+        raise ValueError(
+            f"the prompt has {n_pads} image placeholders but {len(image_grid_thw)} images were given"
+        )
+    if n_pads:
+        counts = [int(np.prod(g)) // merge_size**2 for g in image_grid_thw]
         pieces = text.split(IMAGE_TOKEN)
         text = pieces[0] + "".join(IMAGE_TOKEN * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
     ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)[None, :]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     mm_types = np.where(ids == image_id, 1, np.where(ids == video_id, 2, 0)).astype(np.int64)
-    out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mm_token_type_ids": mm_types}
-    if images:
-        out.update(vision)
-    return out
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mm_token_type_ids": mm_types}
 
 
 def batch_encode(

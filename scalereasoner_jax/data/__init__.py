@@ -1,0 +1,1 @@
+"""Scale-VQA data: records and validation, TFDS packaging, the input pipeline."""

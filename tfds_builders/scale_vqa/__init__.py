@@ -1,0 +1,1 @@
+"""Scale-VQA TFDS builder (`tfds build tfds_builders/scale_vqa --manual_dir DIR`)."""
