@@ -15,7 +15,14 @@ from pathlib import Path
 
 import PIL.Image
 
-from scalereasoner_jax.data.pipeline import PipelineConfig, collate, data_source, encode_example, make_dataset
+from scalereasoner_jax.data.pipeline import (
+    PipelineConfig,
+    collate,
+    data_source,
+    encode_example,
+    make_dataset,
+    patchify_batch,
+)
 from scalereasoner_jax.models.qwen2_5_vl.processing import ImageProcessor, PromptEncoder
 
 BUCKETS = (512, 768, 1024)
@@ -45,7 +52,7 @@ def _plain_loop(release_dir: Path, split: str, encoder: PromptEncoder, config: P
         }
         pending.append(encode_example(example, encoder, config))
         if len(pending) == config.batch_size:
-            yield collate(pending, pad_id, config.length_buckets)
+            yield patchify_batch(collate(pending, pad_id, config.length_buckets), encoder.image_processor)
             pending = []
 
 

@@ -45,8 +45,8 @@ def render_example(example: dict[str, Any], out_png: str | Path, view_size: int 
     for img in example["images"]:
         pil = img if isinstance(img, PIL.Image.Image) else PIL.Image.fromarray(img)
         pil = pil.convert("RGB")
-        pil.thumbnail((view_size, view_size))
-        views.append(pil)
+        scale = view_size / max(pil.size)  # small views are enlarged too, so all share one height
+        views.append(pil.resize((round(pil.width * scale), round(pil.height * scale)), PIL.Image.LANCZOS))
     font = PIL.ImageFont.load_default(size=16)
     lines = [f"[{example['id']}] {example['question_type']}"]
     lines += textwrap.wrap(example["question"], 90)
