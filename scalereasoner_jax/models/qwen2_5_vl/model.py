@@ -202,13 +202,17 @@ class Qwen25VL(nnx.Module):
             out = jnp.dot(hidden, self.language_model.embed_tokens[...].astype(self.dtype).T)
         return constrain(out, ("batch", "length", "act_vocab"))
 
-    def forward(self, inputs: ModelInputs, image_features: jax.Array | None = None) -> jax.Array:
-        """Full-sequence logits (B, S, V)."""
+    def hidden_states(self, inputs: ModelInputs, image_features: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states (B, S, D); project only the positions you need with ``logits``."""
         if image_features is None:
             image_features = self.image_features(inputs)
         embeds = self.embed(inputs.input_ids, image_features)
         hidden, _ = self.language_model(embeds, inputs.position_ids, inputs.attention_mask)
-        return self.logits(hidden)
+        return hidden
+
+    def forward(self, inputs: ModelInputs, image_features: jax.Array | None = None) -> jax.Array:
+        """Full-sequence logits (B, S, V)."""
+        return self.logits(self.hidden_states(inputs, image_features))
 
     def prefill(
         self, inputs: ModelInputs, cache: KVCache, image_features: jax.Array | None = None

@@ -1,0 +1,228 @@
+"""Batched, jitted generation with the KV cache, G samples per prompt from one prefill.
+
+    images of B prompts --vision tower (once)--> features --prefill B prompts (once)--> cache (B)
+        --repeat x G--> cache (B*G) --lax.while_loop: decode one token for all B*G rows--> tokens
+
+The cache is donated to every jitted call so XLA updates it in place. Prompt lengths come from the
+pipeline's length buckets and image features are padded to a row bucket, so one compilation serves
+every batch of a bucket. Log-probs are those of the sampled tokens under the temperature-scaled
+distribution (top-k / top-p only restrict what is sampled), which is what the trainer recomputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, Qwen25VL, prepare_inputs
+from scalereasoner_jax.models.qwen2_5_vl.text import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    # Token sequences that end a completion (tokenised stop strings), matched on the generated suffix.
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    feature_bucket: int = 256  # image-feature rows are padded to a multiple of this
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """B*G completions, rows grouped by prompt (prompt p owns rows p*G .. p*G+G-1)."""
+
+    tokens: np.ndarray  # (B*G, T) int32, pad after the end
+    logprobs: np.ndarray  # (B*G, T) float32, 0 where masked
+    mask: np.ndarray  # (B*G, T) bool, the completion's tokens (stop token included)
+    lengths: np.ndarray  # (B*G,) int32
+    truncated: np.ndarray  # (B*G,) bool: hit max_new_tokens without EOS or a stop sequence
+    group_size: int
+
+
+def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Tokenisations of each stop string, alone and after a space (BPE merges differ in context)."""
+    seqs = set()
+    for s in stop_strings:
+        for variant in (s, " " + s):
+            ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
+            if ids:
+                seqs.add(ids)
+    return tuple(sorted(seqs))
+
+
+def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Sample (or argmax) one token per row; returns (tokens, log-probs under logits / temperature)."""
+    logits = logits.astype(jnp.float32)
+    if config.greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    scaled = logits / config.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = scaled
+    if config.top_k > 0:
+        kth = jax.lax.top_k(scaled, config.top_k)[0][:, -1:]
+        masked = jnp.where(scaled < kth, -jnp.inf, masked)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(masked, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        cutoff = jnp.min(jnp.where(before < config.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        masked = jnp.where(masked < cutoff, -jnp.inf, masked)
+    token = jax.random.categorical(key, masked, axis=-1)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _ends(window: jax.Array, token: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Whether each row just produced EOS or completed one of the stop sequences."""
+    done = jnp.isin(token, jnp.asarray(config.eos_token_ids, jnp.int32))
+    for seq in config.stop_sequences:
+        tail = window[:, window.shape[1] - len(seq) :]
+        done |= jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=-1)
+    return done
+
+
+def _pad_features(features: jax.Array, bucket: int) -> jax.Array:
+    rows = -(-features.shape[0] // bucket) * bucket
+    return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
+
+
+def _repeat_rows(tree: Any, group_size: int) -> Any:
+    return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x, tree)
+
+
+def _prefill(
+    graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """The B prompts into their (donated) cache; the logits of each prompt's last position."""
+    logits, cache = nnx.merge(graphdef, state).prefill(inputs, cache, image_features=features)
+    return logits[:, -1], cache
+
+
+def _decode_loop(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: KVCache,
+    last_logits: jax.Array,
+    next_pos: jax.Array,
+    key: jax.Array,
+    *,
+    config: SamplingConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
+    """Sample up to ``max_new_tokens`` for every row of the (donated) cache in one ``lax.while_loop``,
+    which stops early once every row has ended."""
+    model: Qwen25VL = nnx.merge(graphdef, state)
+    n = last_logits.shape[0]
+    steps = config.max_new_tokens
+    window_len = max([len(s) for s in config.stop_sequences] + [1])
+
+    key, sub = jax.random.split(key)
+    token, logp = sample_token(last_logits, sub, config)
+    window = jnp.full((n, window_len), -1, jnp.int32).at[:, -1].set(token)
+    tokens = jnp.full((n, steps), config.pad_token_id, jnp.int32).at[:, 0].set(token)
+    logps = jnp.zeros((n, steps), jnp.float32).at[:, 0].set(logp)
+    done = _ends(window, token, config)
+    lengths = jnp.ones((n,), jnp.int32)
+
+    def cond(carry):
+        step, done = carry[0], carry[5]
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, token, window, key, done, tokens, logps, lengths = carry
+        logits, cache = model.decode(token, next_pos + step - 1, cache)
+        key, sub = jax.random.split(key)
+        new, logp = sample_token(logits, sub, config)
+        new = jnp.where(done, config.pad_token_id, new)
+        window = jnp.concatenate([window[:, 1:], new[:, None]], axis=1)
+        tokens = tokens.at[:, step].set(new)
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | _ends(window, new, config)
+        return step + 1, cache, new, window, key, done, tokens, logps, lengths
+
+    carry = (jnp.ones((), jnp.int32), cache, token, window, key, done, tokens, logps, lengths)
+    _, cache, _, _, _, done, tokens, logps, lengths = jax.lax.while_loop(cond, body, carry)
+    return tokens, logps, lengths, done, cache
+
+
+class Sampler:
+    """Generation for one model structure; pass the current parameters to every call.
+
+    ``sampler.generate(state, batch, group_size, key)`` with ``batch`` a pipeline batch (or a HF
+    processor's output): ``input_ids``, ``attention_mask`` and, with images, ``pixel_values`` and
+    ``image_grid_thw``. Prompts must be left-padded (the pipeline and the HF processor do this).
+    """
+
+    def __init__(self, model: Qwen25VL, config: SamplingConfig):
+        self.config = config
+        self.model_config = model.config
+        self.graphdef, _ = nnx.split(model)
+        self.cache_dtype = model.dtype
+        self._vision = jax.jit(self._vision_fn)
+        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef), donate_argnames=("cache",))
+        self._expand = jax.jit(_repeat_rows, static_argnums=1)
+        self._decode = jax.jit(
+            functools.partial(_decode_loop, self.graphdef, config=config), donate_argnames=("cache",)
+        )
+
+    def _vision_fn(self, state: nnx.State, inputs: ModelInputs) -> jax.Array:
+        return nnx.merge(self.graphdef, state).image_features(inputs)
+
+    def image_features(self, state: nnx.State, inputs: ModelInputs) -> jax.Array | None:
+        """The vision tower over every image of the batch's prompts, once; padded to the row bucket."""
+        if inputs.pixel_values is None:
+            return None
+        return _pad_features(self._vision(state, inputs), self.config.feature_bucket)
+
+    def generate(
+        self, state: nnx.State, batch: Mapping[str, Any], group_size: int, key: jax.Array
+    ) -> Rollout:
+        inputs = prepare_inputs(
+            self.model_config,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("pixel_values"),
+            batch.get("image_grid_thw"),
+        )
+        features = self.image_features(state, inputs)
+        text_only = dataclasses.replace(inputs, pixel_values=None, vision=None)
+        b, length = inputs.input_ids.shape
+        cache = KVCache.create(
+            self.model_config.text, b, length + self.config.max_new_tokens, self.cache_dtype
+        )
+        last, cache = self._prefill(state, text_only, features, cache)
+        # Each prompt's prefilled cache and last logits serve its G samples.
+        cache, last = self._expand((cache, last), group_size)
+        next_pos = np.repeat(inputs.next_position, group_size)
+        tokens, logps, lengths, done, _ = self._decode(state, cache, last, next_pos, key)
+        tokens, logps, lengths, done = jax.device_get((tokens, logps, lengths, done))
+        mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        return Rollout(
+            tokens=tokens,
+            logprobs=np.where(mask, logps, 0.0).astype(np.float32),
+            mask=mask,
+            lengths=lengths,
+            truncated=~done,
+            group_size=group_size,
+        )
