@@ -66,6 +66,32 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpo(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides, kind="grpo")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from scalereasoner_jax.rl.trainer import run_grpo
+
+    return run_grpo(config, args.workdir, resume=args.resume)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides, kind="sft")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from scalereasoner_jax.train.sft import run_sft
+
+    return run_sft(config, args.workdir, resume=args.resume)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "data":
         from scalereasoner_jax.bench.data import format_result as format_data
@@ -156,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--index", type=int, default=0)
     di.add_argument("--out", default="example.png")
     di.set_defaults(func=_data_inspect)
+
+    for name, func, example in (("grpo", _grpo, "grpo_tiny_cpu"), ("sft", _sft, "sft_tiny_cpu")):
+        t = sub.add_parser(name, help=f"{name.upper()} training (e.g. --config {example})")
+        t.add_argument(
+            "--config", required=True, help="a preset name (scalereasoner_jax/configs/) or a YAML path"
+        )
+        t.add_argument(
+            "--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard (local or gs://)"
+        )
+        t.add_argument("--resume", action="store_true", help="continue from the latest usable checkpoint")
+        t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=4 checkpoint.every=1")
+        t.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
     b.add_argument("what", choices=["forward", "data"])

@@ -70,8 +70,8 @@ def completion_logprobs(
     """Per-token log-probs (N, T) of the completion tokens under ``logits / temperature``, and the
     per-token entropy of that distribution. Traceable; differentiate through it for the policy loss."""
     row_features = None if batch.feature_index is None else features[batch.feature_index]
-    hidden = model.hidden_states(batch.inputs, row_features)
     length = batch.prompt_length
+    hidden = model.hidden_states(batch.inputs, row_features, image_span=length)
     t = batch.completion.shape[1]
     # The token at completion position j is predicted from the hidden state just before it.
     logits = model.logits(hidden[:, length - 1 : length - 1 + t]).astype(jnp.float32) / temperature

@@ -168,12 +168,15 @@ def from_pretrained(
     dtype=jnp.float32,
     param_dtype=None,
     rules: Rules | None = None,
+    remat: str = "none",
 ) -> Qwen25VL:
     """Build Qwen2.5-VL from a Hugging Face folder, streaming tensors onto ``mesh`` (or one device)."""
     hf_dir = Path(hf_dir)
     cfg = Qwen25VLConfig.from_pretrained(hf_dir)
     param_dtype = param_dtype or dtype
-    abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+    )
     graphdef, abs_state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(abs_state))
     device = jax.devices()[0]

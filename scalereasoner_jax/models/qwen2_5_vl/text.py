@@ -116,10 +116,28 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed")), kv
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
@@ -158,7 +176,10 @@ class TextModel(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, cos, sin, mask, kv, index)
+            call = type(layer).__call__
+            if self.remat != "none":
+                call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
+            x, (k, v) = call(layer, x, cos, sin, mask, kv, index)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x)

@@ -1,0 +1,1 @@
+"""Training infrastructure: checkpoints (Orbax), preemption handling and the training loops."""
