@@ -9,7 +9,8 @@ One directory per saved step, in Orbax's own format::
         _CHECKPOINT_METADATA, commit_success.txt     Orbax's step metadata and commit marker
 
 ``directory`` may be local or ``gs://bucket/prefix``: it is handled as an ``etils.epath.Path`` throughout
-(never ``pathlib.Path``), which is how Orbax reaches GCS. Locally Orbax writes into
+(never ``pathlib.Path``), which is how Orbax reaches GCS; a relative local path is made absolute (Orbax
+rejects relative ones) and a URL is left as given. Locally Orbax writes into
 ``<step>.orbax-checkpoint-tmp-*`` and renames on commit; on GCS it writes in place and commits by writing
 ``commit_success.txt``. In Orbax 0.12.8 both modes leave ``commit_success.txt`` in a committed step.
 
@@ -20,18 +21,21 @@ What "unusable" (partial or corrupt) detection covers, newest step first:
   we log a warning naming the step.
 * a step directory without ``commit_success.txt``, or whose ``_CHECKPOINT_METADATA`` is unreadable or has
   no commit timestamp, or that lacks one of the items ``state`` / ``data`` / ``meta``;
-* any failure to restore it: a deleted or truncated array file, a missing OCDBT manifest, unreadable
-  JSON in ``meta`` or ``data``;
+* any failure to restore it: a deleted or truncated array file, a missing top-level OCDBT manifest,
+  unreadable JSON in ``meta`` or ``data``, a missing data-iterator file;
 * silent damage to array bytes (a flipped bit in a file that still parses; Orbax/TensorStore do not
   detect this): at save we record a per-leaf fingerprint of the state (two wrapping uint32 sums of its
   bits, one position-weighted; order- and sharding-independent) and compare it after restore.
+
+Not covered: damage to files a restore does not need (Orbax's ``_METADATA`` tree file and the
+per-process OCDBT manifests are redundant given a restore target), and edits that keep JSON valid.
 
 An unusable step is skipped with a warning naming it and the reason, and the previous step is tried.
 Nothing is deleted at restore: an unusable step is removed only when this run saves the same step
 number again (or by keep-last-K), so a transient read error cannot destroy a good checkpoint. A restore
 target whose leaves differ in path, shape or dtype from what was saved is a caller error and raises
 :class:`CheckpointMismatchError` instead of falling back; so does a process count that changed since the
-save (the data-iterator states are per process).
+save (the data-iterator states are per process; ``restore_data=False`` resumes without them).
 
 Multi-host: every process must call ``save``, ``wait``, ``restore_latest`` and
 ``PreemptionGuard.should_stop`` at the same points (they are collective). Orbax writes array shards from
@@ -46,7 +50,6 @@ import logging
 import os
 import re
 import signal
-import threading
 import time
 import types
 from collections.abc import Iterable, Mapping
@@ -119,7 +122,8 @@ class PerProcessJsonHandler(ocp.JsonCheckpointHandler):
             if any(re.fullmatch(r"process_\d+-of-\d+\.json", name) for name in saved):
                 raise CheckpointMismatchError(
                     f"no data-iterator state for this process ({path.name}) in {directory}; it holds "
-                    f"{saved}: the number of processes changed since the save"
+                    f"{saved}: the number of processes changed since the save (restore_latest(..., "
+                    "restore_data=False) resumes without the data-iterator position)"
                 )
             raise FileNotFoundError(f"{path} not found")
         return json.loads(path.read_text())
@@ -235,6 +239,13 @@ def fingerprints(state: Any) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_path(directory: PathLike) -> epath.Path:
+    """``directory`` as Orbax needs it: a URL as given, a local path made absolute (Orbax rejects
+    relative ones). ``pathlib.Path("gs://b/x")`` has collapsed the URL to ``gs:/b/x``; that is undone."""
+    text = re.sub(r"^([a-z][a-z0-9+.-]*):/(?!/)", r"\1://", str(directory))
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _jsonable(x: Any) -> Any:
     """A JSON-safe deep copy (numpy / jax scalars and arrays become Python numbers and lists)."""
     if isinstance(x, Mapping):
@@ -291,9 +302,7 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if every < 0:
             raise ValueError(f"every must be >= 0 (0: only final / forced saves), got {every}")
-        # Orbax rejects relative local paths; a URL (gs://...) is left exactly as given.
-        text = str(directory)
-        self.directory = epath.Path(text if "://" in text else os.path.abspath(text))
+        self.directory = checkpoint_path(directory)
         self.every = every
         self.keep = keep
         self.verify = verify
@@ -304,7 +313,9 @@ class Checkpointer:
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                # `max_to_keep` is deprecated in favour of this. LatestN keeps the last `keep` *saved*
+                # (insertion order), so the newest save is never the one deleted.
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
                 enable_async_checkpointing=async_save,
                 async_options=ocp.AsyncOptions(timeout_secs=async_timeout_s),
                 cleanup_tmp_directories=True,
@@ -417,13 +428,14 @@ class Checkpointer:
 
     # -- restoring ---------------------------------------------------------------------------------------
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, *, restore_data: bool = True) -> Restored | None:
         """Restore the newest usable step into ``abstract_state``'s shapes, dtypes and shardings.
 
         ``abstract_state``: the state's pytree with ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``
         (or arrays) as leaves; typed PRNG key leaves come back as typed keys. Unusable steps (see the
         module docstring) are skipped with a warning. None (with a warning if steps existed) when no
-        step is usable. Collective.
+        step is usable. ``restore_data=False`` leaves ``data_state`` None (e.g. after a change in the
+        number of processes, which makes the per-process iterator states meaningless). Collective.
         """
         self.wait()
         self._mgr.reload()
@@ -436,7 +448,7 @@ class Checkpointer:
         for step in candidates:
             reason = None
             try:
-                restored, record = self._read_step(step, storable_abstract)
+                restored, record = self._read_step(step, storable_abstract, restore_data)
             except CheckpointMismatchError:
                 raise
             except _Unusable as e:
@@ -493,7 +505,9 @@ class Checkpointer:
         if missing:
             raise _Unusable(f"missing item(s) {missing}")
 
-    def _read_step(self, step: int, storable_abstract: Any) -> tuple[Restored, dict[str, Any]]:
+    def _read_step(
+        self, step: int, storable_abstract: Any, restore_data: bool
+    ) -> tuple[Restored, dict[str, Any]]:
         """Check the files of ``step`` and restore it; returns it and our record from its meta."""
         self._check_files(step)
         try:
@@ -506,13 +520,11 @@ class Checkpointer:
             raise CheckpointMismatchError(_describe_mismatch(step, saved_spec, want_spec))
         if record.get("step") != step:
             raise _Unusable(f"meta records step {record.get('step')}")
-        out = self._mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(storable_abstract), data=DataStateRestore()
-            ),
-        )
-        return Restored(step, out.state, out.data, meta), record
+        items: dict[str, ocp.args.CheckpointArgs] = {"state": ocp.args.StandardRestore(storable_abstract)}
+        if restore_data:
+            items["data"] = DataStateRestore()
+        out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+        return Restored(step, out.state, out.data if restore_data else None, meta), record
 
 
 def _describe_mismatch(step: int, saved: dict[str, Any], want: dict[str, Any]) -> str:
@@ -543,23 +555,25 @@ class PreemptionGuard:
     :meth:`should_stop` (collective: the OR over processes, so all hosts stop at the same step even if
     the signal reaches them at different times), then saves with ``force=True``, waits, and exits with
     :data:`PREEMPTED_EXIT_CODE`. Install from the main thread; the previous handlers come back on exit.
+    (It takes SIGTERM over from any handler installed before, e.g. one of JAX's preemption service, so
+    do not rely on Orbax's ``reached_preemption`` alongside it: the flag here is the one to poll.)
     """
 
     def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)) -> None:
         self.signals = tuple(signals)
-        self._event = threading.Event()
+        self._requested = False  # a plain bool: the handler must not take locks
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         del frame
         self.signum = signum
-        self._event.set()
+        self._requested = True
 
     @property
     def requested(self) -> bool:
         """Whether this process received one of the signals (local; no communication)."""
-        return self._event.is_set()
+        return self._requested
 
     def should_stop(self) -> bool:
         """Whether any process received the signal. Collective: call on every process at the same step."""
@@ -572,5 +586,7 @@ class PreemptionGuard:
 
     def __exit__(self, *exc: object) -> None:
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            # None: the previous handler was not installed from Python (e.g. by a C++ library); it
+            # cannot be put back, so the default comes back.
+            signal.signal(s, signal.SIG_DFL if h is None else h)
         self._previous.clear()
