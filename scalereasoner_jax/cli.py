@@ -99,6 +99,25 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(format_data(run_data(n=args.examples, batch_size=args.batch_size, out_json=args.out)))
         return 0
+    if args.what == "grpo":
+        from scalereasoner_jax.bench.grpo import format_result as format_grpo
+        from scalereasoner_jax.bench.grpo import run as run_grpo_bench
+
+        print(format_grpo(run_grpo_bench(tuple(args.configs), out_json=args.out)))
+        return 0
+    if args.what == "rollout":
+        from scalereasoner_jax.bench.rollout import format_result as format_rollout
+        from scalereasoner_jax.bench.rollout import run as run_rollout
+
+        for size in args.configs:
+            print(
+                format_rollout(
+                    run_rollout(
+                        config=size, runs=args.runs, max_new_tokens=args.max_new_tokens, out_json=args.out
+                    )
+                )
+            )
+        return 0
     if args.what == "forward":
         from scalereasoner_jax.bench.forward import format_result, run
 
@@ -196,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
-    b.add_argument("what", choices=["forward", "data"])
+    b.add_argument("what", choices=["forward", "data", "rollout", "grpo"])
+    b.add_argument("--configs", nargs="+", default=["tiny", "small"], help="rollout: model sizes")
+    b.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     b.add_argument("--examples", type=int, default=240, help="data: examples in the synthetic set")
     b.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
     b.add_argument("--runs", type=int, default=5)

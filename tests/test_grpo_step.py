@@ -1,0 +1,60 @@
+"""One GRPO update moves the policy the right way: up on positive advantages, down on negative ones."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalereasoner_jax.config import load_config
+from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
+from scalereasoner_jax.rl.scoring import score_batch
+from scalereasoner_jax.rl.trainer import GRPOTrainer, features_per_prompt, slice_prompts
+
+
+def test_one_update_raises_rewarded_completions_and_lowers_the_rest(tmp_path, monkeypatch):
+    config = load_config(
+        "grpo_tiny_cpu",
+        [
+            "data.synthetic.n=60",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=8",
+            "train.eval_every=0",
+            "train.tensorboard=false",
+            "checkpoint.every=0",
+            "optim.lr=1e-3",
+            "grpo.kl_coef=0.0",
+        ],
+        kind="grpo",
+    )
+    trainer = GRPOTrainer(config, tmp_path)
+    captured = {}
+
+    def designed_rewards(batch, rollout):
+        # The first sample of every group is "right", the others wrong: advantages +, -, -, -.
+        captured["batch"], captured["rollout"] = batch, rollout
+        r = (np.arange(len(rollout.tokens)) % rollout.group_size == 0).astype(np.float32)
+        return r, {"accuracy": float(r.mean()), "format_rate": 0.0}
+
+    monkeypatch.setattr(trainer, "_rewards", designed_rewards)
+    before = jax.tree.map(jnp.copy, trainer.params)  # the update donates the old parameters
+    metrics = trainer.train_step()
+    assert metrics["advantage_abs_mean"] > 0 and metrics["grad_norm"] > 0
+
+    batch, rollout = captured["batch"], captured["rollout"]
+    prompts = prepare_inputs(
+        trainer.model_config,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("pixel_values"),
+        batch.get("image_grid_thw"),
+    )
+    scored = score_batch(prompts, rollout, features_per_prompt(batch, trainer.model_config.vision.merge_unit))
+    old = np.asarray(trainer._logprobs(before, prompts, scored)[0]).sum(-1)
+    new = np.asarray(trainer._logprobs(trainer.params, prompts, scored)[0]).sum(-1)
+    delta = new - old
+    rewarded = np.arange(len(delta)) % rollout.group_size == 0
+    assert (delta[rewarded] > 0).all(), delta
+    assert delta[~rewarded].mean() < 0, delta
+    assert slice_prompts(batch, np.arange(len(batch["id"])))["input_ids"].shape == batch["input_ids"].shape
