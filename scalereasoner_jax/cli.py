@@ -66,30 +66,19 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grpo(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
     from scalereasoner_jax.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, args.overrides, kind="grpo")
+        config = load_config(args.config, args.overrides, kind=args.command)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from scalereasoner_jax.rl.trainer import run_grpo
-
-    return run_grpo(config, args.workdir, resume=args.resume)
-
-
-def _sft(args: argparse.Namespace) -> int:
-    from scalereasoner_jax.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides, kind="sft")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    from scalereasoner_jax.train.sft import run_sft
-
-    return run_sft(config, args.workdir, resume=args.resume)
+    if args.command == "grpo":
+        from scalereasoner_jax.rl.trainer import run_grpo as run
+    else:
+        from scalereasoner_jax.train.sft import run_sft as run
+    return run(config, args.workdir, resume=args.resume)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -202,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--out", default="example.png")
     di.set_defaults(func=_data_inspect)
 
-    for name, func, example in (("grpo", _grpo, "grpo_tiny_cpu"), ("sft", _sft, "sft_tiny_cpu")):
+    for name, example in (("grpo", "grpo_tiny_cpu"), ("sft", "sft_tiny_cpu")):
         t = sub.add_parser(name, help=f"{name.upper()} training (e.g. --config {example})")
         t.add_argument(
             "--config", required=True, help="a preset name (scalereasoner_jax/configs/) or a YAML path"
@@ -212,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         t.add_argument("--resume", action="store_true", help="continue from the latest usable checkpoint")
         t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=4 checkpoint.every=1")
-        t.set_defaults(func=func)
+        t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
     b.add_argument("what", choices=["forward", "data", "rollout", "grpo"])

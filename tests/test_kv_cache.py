@@ -103,3 +103,21 @@ def test_padded_batch_equals_single_prompts(model):
             image_grid_thw=np.array(grids) if grids else None,
         ).logits
         np.testing.assert_allclose(batch[b, mask[b] == 1], np.asarray(single)[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(tiny_hf_dir, policy):
+    plain, remat = from_pretrained(tiny_hf_dir), from_pretrained(tiny_hf_dir, remat=policy)
+    cfg = plain.config
+    rng = np.random.default_rng(3)
+    grids = [[1, 4, 4]]
+    ids = np.array([_prompt(cfg, grids, [3, 4], rng)])
+    inputs = prepare_inputs(cfg, ids, None, _pixels(grids, rng), np.array(grids))
+
+    def loss(model):
+        return jax.numpy.mean(jax.nn.log_softmax(model.forward(inputs))[..., 7])
+
+    results = [jax.jit(nnx.value_and_grad(loss))(m) for m in (plain, remat)]
+    np.testing.assert_allclose(float(results[0][0]), float(results[1][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -115,7 +115,7 @@ def _prefill(
     graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
     """The B prompts into their (donated) cache; the logits of each prompt's last position."""
-    logits, cache = nnx.merge(graphdef, state).prefill(inputs, cache, image_features=features)
+    logits, cache = nnx.merge(graphdef, state).prefill(inputs, cache, image_features=features, last_only=True)
     return logits[:, -1], cache
 
 

@@ -33,8 +33,9 @@ from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl import grpo, rewards
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig, stop_token_sequences
 from scalereasoner_jax.rl.scoring import ScoreBatch, completion_logprobs, score_batch
-from scalereasoner_jax.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, PreemptionGuard
+from scalereasoner_jax.train.checkpoint import Checkpointer
 from scalereasoner_jax.train.evaluate import greedy_eval
+from scalereasoner_jax.train.loop import Learner, abstract_like
 from scalereasoner_jax.train.metrics import MetricsWriter
 from scalereasoner_jax.train.optimizer import make_optimizer
 from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
@@ -80,7 +81,7 @@ class UpdateBatch:
     sample_mask: jax.Array  # (N,) rows kept by dynamic filtering
 
 
-class GRPOTrainer:
+class GRPOTrainer(Learner):
     def __init__(self, config: GRPOConfig, workdir: str | Path, *, resume: bool = False):
         initialize()
         self.config = config
@@ -356,7 +357,7 @@ class GRPOTrainer:
         )
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def evaluate(self, split: str | None = None, n: int | None = None, *, drop_images: bool = False) -> dict:
+    def evaluate(self, n: int | None = None, *, split: str | None = None, drop_images: bool = False) -> dict:
         """Greedy accuracy / format rate on ``n`` examples of the validation split (this process's shard)."""
         source = dataset_source(self.config.data, self.workdir, split or self.config.data.val_split)
         return greedy_eval(
@@ -383,44 +384,13 @@ class GRPOTrainer:
         return self.checkpointer.save(self.step, self._state(), self.data_iter.get_state(), meta, force=force)
 
     def _restore(self) -> None:
-        abstract = jax.tree.map(
-            lambda x: (
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if hasattr(x, "sharding") else x
-            ),
-            self._state(),
-        )
-        restored = self.checkpointer.restore_latest(abstract)
+        restored = self.checkpointer.restore_latest(abstract_like(self._state()))
         if restored is None:
             return
         state = restored.state
         self.params, self.opt_state, self.rng = state["params"], state["opt_state"], state["rng"]
         self.step = int(state["step"])
         self.data_iter.set_state(restored.data_state)
-
-    # -- the loop ------------------------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run to ``train.steps``; returns the process exit code (PREEMPTED_EXIT_CODE after a SIGTERM)."""
-        c = self.config
-        with PreemptionGuard() as guard:
-            while self.step < c.train.steps:
-                metrics = self.train_step()
-                if c.train.eval_every and self.step % c.train.eval_every == 0:
-                    ev = self.evaluate(n=c.train.eval_examples)
-                    metrics.update({"val_accuracy": ev["accuracy"], "val_format_rate": ev["format_rate"]})
-                self.metrics.write(self.step, metrics)
-                self.save(metrics=metrics, force=self.step == c.train.steps)
-                if guard.should_stop():
-                    self.save(force=True, metrics=metrics)
-                    self.checkpointer.wait()
-                    self.close()
-                    return PREEMPTED_EXIT_CODE
-        self.checkpointer.wait()
-        self.close()
-        return 0
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.checkpointer.close()
 
 
 def run_grpo(config: GRPOConfig, workdir: str | Path, *, resume: bool = False) -> int:

@@ -31,8 +31,9 @@ from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
 from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig
 from scalereasoner_jax.rl.scoring import completion_logprobs, score_batch
-from scalereasoner_jax.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, PreemptionGuard
+from scalereasoner_jax.train.checkpoint import Checkpointer
 from scalereasoner_jax.train.evaluate import greedy_eval
+from scalereasoner_jax.train.loop import Learner, abstract_like
 from scalereasoner_jax.train.metrics import MetricsWriter
 from scalereasoner_jax.train.optimizer import make_optimizer
 from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
@@ -77,7 +78,7 @@ def merge_lora(params: nnx.State, lora: Mapping[str, Mapping[str, jax.Array]], s
     return nnx.from_flat_state(list(flat.items()))
 
 
-class SFTTrainer:
+class SFTTrainer(Learner):
     def __init__(self, config: SFTConfig, workdir: str | Path, *, resume: bool = False):
         initialize()
         c = self.config = config
@@ -224,13 +225,7 @@ class SFTTrainer:
         }
 
     def _restore(self) -> None:
-        abstract = jax.tree.map(
-            lambda x: (
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if hasattr(x, "sharding") else x
-            ),
-            self._state(),
-        )
-        restored = self.checkpointer.restore_latest(abstract)
+        restored = self.checkpointer.restore_latest(abstract_like(self._state()))
         if restored is None:
             return
         s = restored.state
@@ -267,32 +262,8 @@ class SFTTrainer:
         model = nnx.merge(self.graphdef, self.params())
         return save_pretrained(model, self.workdir / "hf", reference_dir=self.hf_dir)
 
-    def train(self) -> int:
-        c = self.config
-        with PreemptionGuard() as guard:
-            while self.step < c.train.steps:
-                try:
-                    metrics = self.train_step()
-                except StopIteration:  # sft.epochs exhausted the data
-                    break
-                if c.train.eval_every and self.step % c.train.eval_every == 0:
-                    ev = self.evaluate(c.train.eval_examples)
-                    metrics.update({"val_accuracy": ev["accuracy"], "val_format_rate": ev["format_rate"]})
-                self.metrics.write(self.step, metrics)
-                self.save(metrics=metrics, force=self.step == c.train.steps)
-                if guard.should_stop():
-                    self.save(force=True, metrics=metrics)
-                    self.checkpointer.wait()
-                    self.close()
-                    return PREEMPTED_EXIT_CODE
-        self.checkpointer.wait()
+    def on_finish(self) -> None:
         self.export()
-        self.close()
-        return 0
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.checkpointer.close()
 
 
 def run_sft(config: SFTConfig, workdir: str | Path, *, resume: bool = False) -> int:

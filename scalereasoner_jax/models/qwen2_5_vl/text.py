@@ -123,6 +123,17 @@ REMAT_POLICIES = {
 }
 
 
+def _checkpointed(layer: DecoderLayer, policy, *args):
+    """``jax.checkpoint`` over a pure function of the layer's state: the backward pass recomputes what
+    ``policy`` does not save. (Works under any outer transform, unlike binding the module itself.)"""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(run, policy=policy)(state, *args)
+
+
 class TextModel(nnx.Module):
     def __init__(
         self,
@@ -176,10 +187,10 @@ class TextModel(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            call = type(layer).__call__
-            if self.remat != "none":
-                call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
-            x, (k, v) = call(layer, x, cos, sin, mask, kv, index)
+            if self.remat == "none":
+                x, (k, v) = layer(x, cos, sin, mask, kv, index)
+            else:
+                x, (k, v) = _checkpointed(layer, REMAT_POLICIES[self.remat], x, cos, sin, mask, kv, index)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x)

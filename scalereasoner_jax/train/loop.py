@@ -1,0 +1,72 @@
+"""The outer loop GRPO and SFT share: steps, periodic evaluation, metrics, checkpoints, preemption."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from scalereasoner_jax.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, PreemptionGuard
+from scalereasoner_jax.train.metrics import MetricsWriter
+
+
+def abstract_like(tree: Any) -> Any:
+    """Restore targets (shape, dtype and sharding) for the arrays of ``tree``."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if hasattr(x, "sharding") else x
+        ),
+        tree,
+    )
+
+
+class Learner:
+    """Subclasses provide ``train_step() -> metrics``, ``evaluate(n) -> {"accuracy", "format_rate"}``,
+    ``save(force=, metrics=)``, and set ``config``, ``step``, ``metrics`` (a MetricsWriter) and
+    ``checkpointer`` (a Checkpointer)."""
+
+    config: Any
+    step: int
+    metrics: MetricsWriter
+    checkpointer: Checkpointer
+
+    def train_step(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def evaluate(self, n: int | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def save(self, *, force: bool = False, metrics: Mapping[str, Any] | None = None) -> bool:
+        raise NotImplementedError
+
+    def on_finish(self) -> None:
+        """Called once after the last step (e.g. SFT exports its weights)."""
+
+    def train(self) -> int:
+        """Run to ``train.steps``; returns the exit code (PREEMPTED_EXIT_CODE after a SIGTERM)."""
+        c = self.config
+        with PreemptionGuard() as guard:
+            while self.step < c.train.steps:
+                try:
+                    metrics = self.train_step()
+                except StopIteration:  # a finite data pipeline (e.g. sft.epochs) ran out
+                    break
+                if c.train.eval_every and self.step % c.train.eval_every == 0:
+                    ev = self.evaluate(c.train.eval_examples)
+                    metrics.update({"val_accuracy": ev["accuracy"], "val_format_rate": ev["format_rate"]})
+                self.metrics.write(self.step, metrics)
+                self.save(metrics=metrics, force=self.step == c.train.steps)
+                if guard.should_stop():
+                    self.save(force=True, metrics=metrics)
+                    self.checkpointer.wait()
+                    self.close()
+                    return PREEMPTED_EXIT_CODE
+        self.checkpointer.wait()
+        self.on_finish()
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.checkpointer.close()
