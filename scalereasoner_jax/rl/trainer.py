@@ -33,10 +33,8 @@ from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl import grpo, rewards
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig, stop_token_sequences
 from scalereasoner_jax.rl.scoring import ScoreBatch, completion_logprobs, score_batch
-from scalereasoner_jax.train.checkpoint import Checkpointer
 from scalereasoner_jax.train.evaluate import greedy_eval
 from scalereasoner_jax.train.loop import Learner, abstract_like
-from scalereasoner_jax.train.metrics import MetricsWriter
 from scalereasoner_jax.train.optimizer import make_optimizer
 from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
 
@@ -170,21 +168,7 @@ class GRPOTrainer(Learner):
         self.step = 0
         self._jit()
 
-        self.checkpointer = Checkpointer(
-            self.workdir / "checkpoints",
-            every=c.checkpoint.every,
-            keep=c.checkpoint.keep,
-            async_save=c.checkpoint.async_save,
-        )
-        if resume:
-            self._restore()
-        self.metrics = MetricsWriter(
-            self.workdir,
-            tensorboard=c.train.tensorboard,
-            total_steps=c.train.steps,
-            desc="grpo",
-            resume_step=self.step,
-        )
+        self.start(self.workdir, resume=resume, desc="grpo")
 
     # -- jitted pieces -------------------------------------------------------------------------------
     def _jit(self) -> None:

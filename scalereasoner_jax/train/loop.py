@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,6 +40,29 @@ class Learner:
 
     def save(self, *, force: bool = False, metrics: Mapping[str, Any] | None = None) -> bool:
         raise NotImplementedError
+
+    def _restore(self) -> None:
+        """Load the newest usable checkpoint into the learner's state (nothing if there is none)."""
+        raise NotImplementedError
+
+    def start(self, workdir: Path, *, resume: bool, desc: str) -> None:
+        """Checkpoints (restored from when ``resume``), then the metrics writer from the restored step."""
+        c = self.config
+        self.checkpointer = Checkpointer(
+            workdir / "checkpoints",
+            every=c.checkpoint.every,
+            keep=c.checkpoint.keep,
+            async_save=c.checkpoint.async_save,
+        )
+        if resume:
+            self._restore()
+        self.metrics = MetricsWriter(
+            workdir,
+            tensorboard=c.train.tensorboard,
+            total_steps=c.train.steps,
+            desc=desc,
+            resume_step=self.step,
+        )
 
     def on_finish(self) -> None:
         """Called once after the last step (e.g. SFT exports its weights)."""

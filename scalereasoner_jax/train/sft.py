@@ -31,10 +31,8 @@ from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
 from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig
 from scalereasoner_jax.rl.scoring import completion_logprobs, score_batch
-from scalereasoner_jax.train.checkpoint import Checkpointer
 from scalereasoner_jax.train.evaluate import greedy_eval
 from scalereasoner_jax.train.loop import Learner, abstract_like
-from scalereasoner_jax.train.metrics import MetricsWriter
 from scalereasoner_jax.train.optimizer import make_optimizer
 from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
 
@@ -122,21 +120,7 @@ class SFTTrainer(Learner):
         self.target_rng = np.random.default_rng(c.train.seed + 17)
         self.step = 0
         self._jit()
-        self.checkpointer = Checkpointer(
-            self.workdir / "checkpoints",
-            every=c.checkpoint.every,
-            keep=c.checkpoint.keep,
-            async_save=c.checkpoint.async_save,
-        )
-        if resume:
-            self._restore()
-        self.metrics = MetricsWriter(
-            self.workdir,
-            tensorboard=c.train.tensorboard,
-            total_steps=c.train.steps,
-            desc="sft",
-            resume_step=self.step,
-        )
+        self.start(self.workdir, resume=resume, desc="sft")
 
     def params(self) -> nnx.State:
         """The model's parameters as trained so far (LoRA merged)."""
