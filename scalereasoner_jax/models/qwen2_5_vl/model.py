@@ -193,20 +193,12 @@ class Qwen25VL(nnx.Module):
             return None
         return self.visual(inputs.pixel_values, inputs.vision)
 
-    def embed(
-        self, input_ids: jax.Array, image_features: jax.Array | None = None, image_span: int | None = None
-    ) -> jax.Array:
-        """Token embeddings with the ``<|image_pad|>`` slots replaced by image features, in order.
-
-        ``image_span`` limits the slots to the first positions of each row (the prompt): a generated
-        ``<|image_pad|>`` is an ordinary token, as it is when decoding one token at a time.
-        """
+    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with the ``<|image_pad|>`` slots replaced by image features, in order."""
         embeds = self.language_model.embed(input_ids)
         if image_features is None:
             return embeds
         is_image = input_ids == self.config.image_token_id
-        if image_span is not None:
-            is_image &= jnp.arange(input_ids.shape[1])[None, :] < image_span
         rank = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
         feats = image_features.astype(embeds.dtype)[jnp.clip(rank, 0, image_features.shape[0] - 1)]
         return jnp.where(is_image[..., None], feats, embeds)
@@ -218,13 +210,11 @@ class Qwen25VL(nnx.Module):
             out = jnp.dot(hidden, self.language_model.embed_tokens[...].astype(self.dtype).T)
         return constrain(out, ("batch", "length", "act_vocab"))
 
-    def hidden_states(
-        self, inputs: ModelInputs, image_features: jax.Array | None = None, image_span: int | None = None
-    ) -> jax.Array:
+    def hidden_states(self, inputs: ModelInputs, image_features: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, S, D); project only the positions you need with ``logits``."""
         if image_features is None:
             image_features = self.image_features(inputs)
-        embeds = self.embed(inputs.input_ids, image_features, image_span)
+        embeds = self.embed(inputs.input_ids, image_features)
         hidden, _ = self.language_model(embeds, inputs.position_ids, inputs.attention_mask)
         return hidden
 
