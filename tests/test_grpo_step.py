@@ -9,7 +9,7 @@ import numpy as np
 from scalereasoner_jax.config import load_config
 from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
 from scalereasoner_jax.rl.scoring import score_batch
-from scalereasoner_jax.rl.trainer import GRPOTrainer, features_per_prompt, slice_prompts
+from scalereasoner_jax.rl.trainer import GRPOTrainer, slice_prompts
 
 
 def test_one_update_raises_rewarded_completions_and_lowers_the_rest(tmp_path, monkeypatch):
@@ -50,7 +50,7 @@ def test_one_update_raises_rewarded_completions_and_lowers_the_rest(tmp_path, mo
         batch.get("pixel_values"),
         batch.get("image_grid_thw"),
     )
-    scored = score_batch(prompts, rollout, features_per_prompt(batch, trainer.model_config.vision.merge_unit))
+    scored = score_batch(prompts, rollout)
     old = np.asarray(trainer._logprobs(before, prompts, scored)[0]).sum(-1)
     new = np.asarray(trainer._logprobs(trainer.params, prompts, scored)[0]).sum(-1)
     delta = new - old

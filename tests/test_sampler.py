@@ -94,10 +94,7 @@ def test_sampled_logprobs_equal_recomputed_logprobs(setup):
         batch["image_grid_thw"],
     )
     features = model.image_features(prompts)
-    per_prompt = np.array(
-        [int(batch["image_grid_thw"][0].prod()) // 4, int(batch["image_grid_thw"][1:].prod(-1).sum()) // 4]
-    )
-    scored = score_batch(prompts, rollout, per_prompt)
+    scored = score_batch(prompts, rollout)
     logp, entropy = completion_logprobs(model, scored, features, temperature=0.7)
     np.testing.assert_allclose(np.asarray(logp)[rollout.mask], rollout.logprobs[rollout.mask], atol=1e-5)
     assert (np.asarray(entropy)[rollout.mask] > 0).all()

@@ -16,25 +16,30 @@ from pathlib import Path
 
 import numpy as np
 
+from scalereasoner_jax.bench.forward import SMALL_CONFIG
+
+_TEXT_DIMS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_parameters",
+)
+_VISION_DIMS = (
+    "depth",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "out_hidden_size",
+    "fullatt_block_indexes",
+)
+# Overrides of the tiny test model: "small" takes the forward benchmark's dimensions (its own vocabulary).
 CONFIGS = {
     "tiny": {"text_config": {}, "vision_config": {}},
     "small": {
-        "text_config": {
-            "hidden_size": 768,
-            "intermediate_size": 2048,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 4,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-        },
-        "vision_config": {
-            "depth": 8,
-            "hidden_size": 384,
-            "intermediate_size": 1024,
-            "num_heads": 6,
-            "out_hidden_size": 768,
-            "fullatt_block_indexes": [3, 7],
-        },
+        "text_config": {k: SMALL_CONFIG["text_config"][k] for k in _TEXT_DIMS},
+        "vision_config": {k: SMALL_CONFIG["vision_config"][k] for k in _VISION_DIMS},
     },
 }
 

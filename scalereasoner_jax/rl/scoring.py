@@ -31,14 +31,8 @@ class ScoreBatch:
     group_size: int = dataclasses.field(metadata={"static": True})
 
 
-def score_batch(
-    prompts: ModelInputs, rollout: Rollout, features_per_prompt: np.ndarray | None = None
-) -> ScoreBatch:
-    """The rows of ``rollout`` with their prompts, ready for ``completion_logprobs`` (host-side).
-
-    ``features_per_prompt`` is accepted for callers that know it; the prompt-major layout needs no index.
-    """
-    del features_per_prompt
+def score_batch(prompts: ModelInputs, rollout: Rollout) -> ScoreBatch:
+    """The rows of ``rollout`` with their prompts, ready for ``completion_logprobs`` (host-side)."""
     return ScoreBatch(
         prompts=dataclasses.replace(prompts, pixel_values=None, vision=None),
         completion=np.asarray(rollout.tokens, np.int32),

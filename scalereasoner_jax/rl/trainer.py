@@ -29,14 +29,13 @@ from flax import nnx
 from scalereasoner_jax.config import GRPOConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
 from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, prepare_inputs
-from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl import grpo, rewards
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig, stop_token_sequences
 from scalereasoner_jax.rl.scoring import ScoreBatch, completion_logprobs, score_batch
 from scalereasoner_jax.train.evaluate import greedy_eval
 from scalereasoner_jax.train.loop import Learner, abstract_like
 from scalereasoner_jax.train.optimizer import make_optimizer
-from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
+from scalereasoner_jax.train.setup import dataset_source
 
 
 def slice_prompts(batch: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
@@ -57,15 +56,6 @@ def slice_prompts(batch: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def features_per_prompt(batch: Mapping[str, Any], merge_unit: int) -> np.ndarray | None:
-    if "image_grid_thw" not in batch:
-        return None
-    grids = np.asarray(batch["image_grid_thw"])
-    counts = grids.prod(-1) // merge_unit
-    owner = np.repeat(np.arange(len(batch["n_images"])), batch["n_images"])
-    return np.bincount(owner, weights=counts, minlength=len(batch["n_images"])).astype(np.int64)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class UpdateBatch:
@@ -81,16 +71,8 @@ class UpdateBatch:
 
 class GRPOTrainer(Learner):
     def __init__(self, config: GRPOConfig, workdir: str | Path, *, resume: bool = False):
-        initialize()
-        self.config = config
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         c = config
-        self.hf_dir = model_dir(c.model, self.workdir, seed=c.train.seed)
-        model, self.mesh = load_model(c.model, self.hf_dir, c.mesh)
-        self.model_config = model.config
-        self.graphdef, self.params = nnx.split(model)
-        self.encoder = prompt_encoder(c.model, self.hf_dir)
+        self.params = self.prepare(config, workdir)
         tok = self.encoder.tokenizer
 
         self.loss = c.grpo.resolved_loss()
@@ -252,8 +234,7 @@ class GRPOTrainer(Learner):
             batch.get("pixel_values"),
             batch.get("image_grid_thw"),
         )
-        per_prompt = features_per_prompt(batch, self.model_config.vision.merge_unit)
-        scored = score_batch(prompts, rollout, per_prompt)
+        scored = score_batch(prompts, rollout)
         old_logp, _ = self._logprobs(self.params, prompts, scored)
         ref_logp = self._logprobs(self._reference(), prompts, scored)[0] if self.use_reference else None
         old_logp = np.asarray(old_logp)
@@ -328,9 +309,7 @@ class GRPOTrainer(Learner):
             lengths=rollout.lengths[sample_rows],
             truncated=rollout.truncated[sample_rows],
         )
-        scored = score_batch(
-            prompts, sub_rollout, features_per_prompt(sub, self.model_config.vision.merge_unit)
-        )
+        scored = score_batch(prompts, sub_rollout)
         return UpdateBatch(
             prompts=prompts,
             scored=scored,

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from flax import nnx
 
+from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, PreemptionGuard
 from scalereasoner_jax.train.metrics import MetricsWriter
+from scalereasoner_jax.train.setup import load_model, model_dir, prompt_encoder
 
 
 def abstract_like(tree: Any) -> Any:
@@ -40,6 +43,20 @@ class Learner:
 
     def save(self, *, force: bool = False, metrics: Mapping[str, Any] | None = None) -> bool:
         raise NotImplementedError
+
+    def prepare(self, config: Any, workdir: str | Path) -> nnx.State:
+        """What every learner sets up first: processes joined, the workdir, the starting HF folder, the
+        sharded model (split into ``graphdef`` and the returned parameters) and the prompt encoder."""
+        initialize()
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hf_dir = model_dir(config.model, self.workdir, seed=config.train.seed)
+        model, self.mesh = load_model(config.model, self.hf_dir, config.mesh)
+        self.model_config = model.config
+        self.graphdef, params = nnx.split(model)
+        self.encoder = prompt_encoder(config.model, self.hf_dir)
+        return params
 
     def _restore(self) -> None:
         """Load the newest usable checkpoint into the learner's state (nothing if there is none)."""

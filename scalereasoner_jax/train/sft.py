@@ -28,13 +28,12 @@ from scalereasoner_jax.config import SFTConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
 from scalereasoner_jax.models.qwen2_5_vl import save_pretrained
 from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
-from scalereasoner_jax.parallel import initialize
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig
 from scalereasoner_jax.rl.scoring import completion_logprobs, score_batch
 from scalereasoner_jax.train.evaluate import greedy_eval
 from scalereasoner_jax.train.loop import Learner, abstract_like
 from scalereasoner_jax.train.optimizer import make_optimizer
-from scalereasoner_jax.train.setup import dataset_source, load_model, model_dir, prompt_encoder
+from scalereasoner_jax.train.setup import dataset_source
 
 FORMAT_ONLY_THOUGHT = "I compare the views."  # short: the tiny CPU runs generate few tokens
 
@@ -78,15 +77,8 @@ def merge_lora(params: nnx.State, lora: Mapping[str, Mapping[str, jax.Array]], s
 
 class SFTTrainer(Learner):
     def __init__(self, config: SFTConfig, workdir: str | Path, *, resume: bool = False):
-        initialize()
-        c = self.config = config
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.hf_dir = model_dir(c.model, self.workdir, seed=c.train.seed)
-        model, self.mesh = load_model(c.model, self.hf_dir, c.mesh)
-        self.model_config = model.config
-        self.graphdef, self.base = nnx.split(model)
-        self.encoder = prompt_encoder(c.model, self.hf_dir)
+        c = config
+        self.base = self.prepare(config, workdir)
         tok = self.encoder.tokenizer
         self.end_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.pad_token_id
@@ -171,8 +163,6 @@ class SFTTrainer(Learner):
         )
 
     def train_step(self) -> dict[str, Any]:
-        from scalereasoner_jax.rl.trainer import features_per_prompt
-
         t0 = time.perf_counter()
         batch = next(self.data_iter)
         target = self._targets(batch)
@@ -183,7 +173,7 @@ class SFTTrainer(Learner):
             batch.get("pixel_values"),
             batch.get("image_grid_thw"),
         )
-        scored = score_batch(prompts, target, features_per_prompt(batch, self.model_config.vision.merge_unit))
+        scored = score_batch(prompts, target)
         base = self.base if self.config.sft.lora_rank else None  # full fine-tuning: trainable is the base
         self.trainable, self.opt_state, loss, norm = self._step(
             self.trainable, self.opt_state, base, prompts, scored
