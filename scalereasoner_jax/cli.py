@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -98,14 +99,14 @@ def _bench(args: argparse.Namespace) -> int:
         from scalereasoner_jax.bench.rollout import format_result as format_rollout
         from scalereasoner_jax.bench.rollout import run as run_rollout
 
+        results = []
         for size in args.configs:
-            print(
-                format_rollout(
-                    run_rollout(
-                        config=size, runs=args.runs, max_new_tokens=args.max_new_tokens, out_json=args.out
-                    )
-                )
+            results.append(
+                run_rollout(config=size, runs=args.runs, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
             )
+            print(format_rollout(results[-1]))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         return 0
     if args.what == "forward":
         from scalereasoner_jax.bench.forward import format_result, run
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-side", "--image_side", dest="image_side", type=int, default=448)
     b.add_argument("--text-tokens", "--text_tokens", dest="text_tokens", type=int, default=512)
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    b.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="rollout: weights and compute"
+    )
     b.add_argument("--out", default=None, help="write the figures as JSON here")
     b.set_defaults(func=_bench)
     return parser

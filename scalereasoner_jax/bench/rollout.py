@@ -2,7 +2,8 @@
 
 Same model weights, same B prompts with 3 images each, G samples per prompt, the same number of new
 tokens for every sequence (EOS disabled on both sides so the work is identical), temperature 1.0,
-float32 on this CPU. transformers expands every prompt and its images G times (so its vision tower
+both in ``dtype`` (float32 by default) on this CPU; in a float32 comparison ours is also timed with bf16
+weights and compute. transformers expands every prompt and its images G times (so its vision tower
 runs B*G times); ours prefills each prompt once and shares the cache.
 """
 
@@ -60,15 +61,18 @@ def run(
     max_new_tokens: int = 32,
     image_side: int = 224,
     runs: int = 3,
+    dtype: str = "float32",
     out_json: str | None = None,
 ) -> dict:
     import jax
+    import jax.numpy as jnp
     import torch
     from flax import nnx
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from scalereasoner_jax.models.qwen2_5_vl import from_pretrained
+    from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
     from scalereasoner_jax.models.qwen2_5_vl.tiny import make_tiny_hf_model
     from scalereasoner_jax.rl.sampler import Sampler, SamplingConfig
 
@@ -83,8 +87,11 @@ def run(
             max_pixels=image_side * image_side,
         )
         processor = AutoProcessor.from_pretrained(str(hf_dir))
-        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir)).eval()
-        ours = from_pretrained(hf_dir)
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype)).eval()
+        # Ours in the same dtype as transformers, and also with bf16 weights and compute (the precision
+        # the TPU recipe samples in) where the comparison runs in float32.
+        our_dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
+        models = {d: from_pretrained(hf_dir, dtype=getattr(jnp, d)) for d in our_dtypes}
     n_params = sum(p.numel() for p in hf.parameters())
     rng = np.random.default_rng(0)
     content = [{"type": "image"}] * 3 + [
@@ -98,6 +105,8 @@ def run(
     inputs = processor(
         text=[text] * prompts, images=images, padding=True, padding_side="left", return_tensors="pt"
     )
+    batch = {k: v.numpy() for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
     pad = processor.tokenizer.pad_token_id
 
     def hf_generate():
@@ -115,39 +124,12 @@ def run(
             )
         assert out.shape == (prompts * group_size, inputs["input_ids"].shape[1] + max_new_tokens)
 
-    sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens, eos_token_ids=(), pad_token_id=pad, temperature=1.0
-    )
-    sampler = Sampler(ours, sampling)
-    state = nnx.state(ours)
-    batch = {k: v.numpy() for k, v in inputs.items()}
-    keys = iter(jax.random.split(jax.random.key(0), 1000))
-
-    def our_generate():
-        rollout = sampler.generate(state, batch, group_size, next(keys))
-        assert int(rollout.lengths.min()) == max_new_tokens
-
-    t0 = time.perf_counter()
-    our_generate()
-    compile_s = time.perf_counter() - t0
     hf_generate()  # warm-up
     hf_s = _median_time(hf_generate, runs)
-    our_s = _median_time(our_generate, runs)
-
-    # Vision encoder: once per prompt (ours) versus once per sample (transformers' expanded inputs).
-    from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
-
-    prepared = prepare_inputs(
-        ours.config,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["pixel_values"],
-        batch["image_grid_thw"],
-    )
-    vision_once = _median_time(lambda: jax.block_until_ready(sampler.image_features(state, prepared)), runs)
     new_tokens = prompts * group_size * max_new_tokens
     result = {
         "config": config,
+        "dtype": dtype,
         "parameters": int(n_params),
         "prompts": prompts,
         "group_size": group_size,
@@ -157,34 +139,64 @@ def run(
         "max_new_tokens": max_new_tokens,
         "runs": runs,
         "transformers_s": hf_s,
-        "ours_s": our_s,
         "transformers_tokens_per_s": new_tokens / hf_s,
-        "ours_tokens_per_s": new_tokens / our_s,
-        "speedup": hf_s / our_s,
-        "ours_compile_s": compile_s,
-        "vision_encoder_once_s": vision_once,
-        "vision_encoder_saved_s": vision_once * (group_size - 1),
     }
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, eos_token_ids=(), pad_token_id=pad, temperature=1.0
+    )
+    keys = iter(jax.random.split(jax.random.key(0), 1000))
+
+    def measure(model) -> dict:
+        sampler = Sampler(model, sampling)
+        state = nnx.state(model)
+
+        def our_generate():
+            rollout = sampler.generate(state, batch, group_size, next(keys))
+            assert int(rollout.lengths.min()) == max_new_tokens
+
+        t0 = time.perf_counter()
+        our_generate()
+        compile_s = time.perf_counter() - t0
+        our_s = _median_time(our_generate, runs)
+        # Vision encoder: once per prompt (ours) versus once per sample (transformers' expanded inputs).
+        prepared = prepare_inputs(
+            model.config,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_grid_thw"],
+        )
+        vision_once = _median_time(
+            lambda: jax.block_until_ready(sampler.image_features(state, prepared)), runs
+        )
+        return {
+            "seconds": our_s,
+            "tokens_per_s": new_tokens / our_s,
+            "speedup": hf_s / our_s,
+            "compile_s": compile_s,
+            "vision_encoder_once_s": vision_once,
+            "vision_encoder_saved_s": vision_once * (group_size - 1),
+        }
+
+    result["ours"] = {our_dtype: measure(model) for our_dtype, model in models.items()}
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def format_result(r: dict) -> str:
-    head = (
+    lines = [
         f"{r['config']} Qwen2.5-VL ({r['parameters'] / 1e6:.1f}M params): {r['prompts']} prompts x "
         f"G={r['group_size']}, 3 images of {r['image_side']} px, {r['prompt_tokens']} prompt tokens, "
-        f"{r['max_new_tokens']} new tokens each, median of {r['runs']}"
-    )
-    hf = (
-        f"transformers generate {r['transformers_tokens_per_s']:>9.1f} tokens/s ({r['transformers_s']:.2f} s)"
-    )
-    ours = (
-        f"ours (jitted sampler)  {r['ours_tokens_per_s']:>9.1f} tokens/s ({r['ours_s']:.2f} s)   "
-        f"speedup {r['speedup']:.2f}x   compile {r['ours_compile_s']:.1f} s"
-    )
-    vision = (
-        f"vision encoder for the batch: {r['vision_encoder_once_s'] * 1e3:.1f} ms once per prompt; "
-        f"encoding per sample would cost {r['vision_encoder_saved_s'] * 1e3:.1f} ms more"
-    )
-    return "\n".join([head, hf, ours, vision])
+        f"{r['max_new_tokens']} new tokens each, median of {r['runs']}",
+        f"transformers generate ({r['dtype']}) {r['transformers_tokens_per_s']:>9.1f} tokens/s "
+        f"({r['transformers_s']:.2f} s)",
+    ]
+    for dtype, o in r["ours"].items():
+        lines.append(
+            f"ours, jitted sampler ({dtype}) {o['tokens_per_s']:>9.1f} tokens/s ({o['seconds']:.2f} s)   "
+            f"speedup {o['speedup']:.2f}x   compile {o['compile_s']:.1f} s   vision encoder "
+            f"{o['vision_encoder_once_s'] * 1e3:.1f} ms once per prompt "
+            f"({o['vision_encoder_saved_s'] * 1e3:.1f} ms more if per sample)"
+        )
+    return "\n".join(lines)
