@@ -52,7 +52,7 @@ def _data_build(args: argparse.Namespace) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from scalereasoner_jax.data.synthetic import synthesize
 
-    result = synthesize(args.out, args.n, seed=args.seed)
+    result = synthesize(args.out, args.n, seed=args.seed, option_order=args.option_order)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -64,6 +64,50 @@ def _data_inspect(args: argparse.Namespace) -> int:
     for split, counts in result["counts"].items():
         print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"example {result['index']} of {result['split']} drawn to {result['png']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.evaluation.report import to_markdown
+    from scalereasoner_jax.evaluation.runner import EvalConfig, EvalError, run_eval
+
+    out = Path(args.out) if args.out else None
+    model_dir = args.model
+    if args.checkpoint:  # export first (parity-gated), then evaluate the exported folder
+        from scalereasoner_jax.export import export_checkpoint
+
+        export_dir = (out or Path(args.checkpoint)) / "export"
+        report = export_checkpoint(args.checkpoint, base=args.base, out=export_dir, step=args.step)
+        if not report.passed:
+            print(f"error: the export of {args.checkpoint} failed its parity check", file=sys.stderr)
+            return 1
+        model_dir = export_dir
+    config = EvalConfig(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        no_images=args.no_images,
+        shuffle_views=args.shuffle_views,
+        option_hub=not args.no_option_hub,
+        random_fallback=args.random_fallback,
+        seed=args.seed,
+    )
+    try:
+        results = run_eval(
+            model_dir,
+            args.data,
+            backend=args.backend,
+            data_dir=args.data_dir,
+            config=config,
+            out_dir=out,
+            progress=lambda line: print(line, file=sys.stderr),
+        )
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(to_markdown(results))
+    if out:
+        print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions.jsonl'}")
     return 0
 
 
@@ -181,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", required=True)
     ds.add_argument("--n", type=int, required=True, help="number of questions")
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument(
+        "--option_order",
+        "--option-order",
+        choices=["shuffled", "canonical"],
+        default="shuffled",
+        help="canonical: one fixed option list per question type, the letter names what the views show",
+    )
     ds.set_defaults(func=_data_synth)
     di = dsub.add_parser("inspect", help="counts per split and question type; one example drawn to a PNG")
     di.add_argument(
@@ -203,6 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--resume", action="store_true", help="continue from the latest usable checkpoint")
         t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=4 checkpoint.every=1")
         t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="greedy evaluation on DATASET:SPLIT, with ablation and baseline rows")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Hugging Face folder")
+    src.add_argument("--checkpoint", help="a training workdir or its checkpoints dir (exported first)")
+    e.add_argument("--step", type=int, default=None, help="--checkpoint: this step (default: the latest)")
+    e.add_argument("--base", default=None, help="--checkpoint: the HF folder training started from")
+    e.add_argument("--data", required=True, help="DATASET:SPLIT, DATASET a TFDS name or a built version dir")
+    e.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, help="TFDS data_dir")
+    e.add_argument("--backend", choices=["hf", "jax"], default="hf")
+    e.add_argument("--out", default=None, help="write results.json, results.md, predictions.jsonl here")
+    e.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=256)
+    e.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
+    e.add_argument("--limit", type=int, default=None, help="only the first N items")
+    e.add_argument("--no_images", "--no-images", dest="no_images", action="store_true", help="ablation row")
+    e.add_argument(
+        "--shuffle_views", "--shuffle-views", dest="shuffle_views", action="store_true", help="ablation row"
+    )
+    e.add_argument("--no_option_hub", action="store_true", help="leave out the option-hub baseline row")
+    e.add_argument(
+        "--random_fallback",
+        action="store_true",
+        help="guess a seeded random letter when no answer is found (PathMMU-comparable); default: wrong",
+    )
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
     b.add_argument("what", choices=["forward", "data", "rollout", "grpo"])
