@@ -71,6 +71,7 @@ LossPreset = Literal["grpo", "dapo", "dr_grpo", "gspo"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 RatioLevel = Literal["token", "sequence"]
+OptionOrder = Literal["shuffled", "canonical"]
 AdvantageKind = Literal["grpo", "dr_grpo"]
 Schedule = Literal["constant", "cosine"]
 SFTTarget = Literal["format_only", "rationale"]
@@ -293,6 +294,7 @@ class SyntheticConfig(_Section):
     seed: int = 0
     image_size: int = _field(224, ge=28)  # rendered view size in px (the image processor resizes after)
     high_mag_missing_rate: float = _field(0.0, ge=0.0, le=1.0)  # the real set: about 0.07
+    option_order: OptionOrder = "shuffled"  # canonical: a fixed option list, the letter names the views
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

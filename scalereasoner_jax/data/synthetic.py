@@ -802,6 +802,7 @@ def synthesize(
     triplets_per_slide: tuple[int, int] = (2, 6),
     workers: int = 1,
     overwrite: bool = False,
+    option_order: str = "shuffled",
 ) -> dict[str, Any]:
     """Write a synthetic cross-scale set of ``n`` questions in the release layout.
 
@@ -816,6 +817,13 @@ def synthesize(
     to write over an earlier set unless ``overwrite`` (which removes the earlier split files and
     ``images/`` first).
 
+    ``option_order``: ``shuffled`` (default) places the key at a balanced random letter among randomly
+    ordered distractors, so answering means matching the views to the option texts; ``canonical`` lists
+    the combinations in one fixed order (architecture-major), so that every item of a question type has the
+    same text and the letter alone names what the views show. Letters stay balanced (combinations are) and
+    no text-only rule beats chance in either order; canonical is the easier task a tiny model can learn
+    in minutes (the demo's).
+
     Returns ``{"out_dir", "seed", "requested", "splits": {name: {"path", "records", "triplets", "slides"}},
     "triplets", "records", "images", "images_dir", "image_bytes", "seconds"}``.
     """
@@ -826,6 +834,8 @@ def synthesize(
     n = -(-n_questions // len(QUESTION_TYPES))  # from here on: the number of view triplets
     if image_size < 28:
         raise ValueError(f"image_size must be at least 28 px, got {image_size}")
+    if option_order not in ("shuffled", "canonical"):
+        raise ValueError(f"option_order must be 'shuffled' or 'canonical', got {option_order!r}")
     if not 0.0 <= high_mag_missing_rate <= 1.0:
         raise ValueError(f"high_mag_missing_rate must be in [0, 1], got {high_mag_missing_rate}")
     lo, hi = triplets_per_slide
@@ -906,6 +916,9 @@ def synthesize(
             distractors = [distractors[i] for i in plan.permutation(3)]
             key_slot = int(letters[no])
             grid = [*distractors[:key_slot], (t.architecture, t.nuclei), *distractors[key_slot:]]
+            if option_order == "canonical":  # the plan's draws above are kept: the same stream either way
+                grid = sorted(grid)
+                key_slot = grid.index((t.architecture, t.nuclei))
             options = {
                 LETTERS[i]: vocab.option_text(qt, vocab.architecture[a], vocab.nuclei[h])
                 for i, (a, h) in enumerate(grid)

@@ -64,6 +64,7 @@ def dataset_source(data_cfg: Any, workdir: Path, split: str):
                 seed=s.seed,
                 image_size=s.image_size,
                 high_mag_missing_rate=s.high_mag_missing_rate,
+                option_order=s.option_order,
             )
         build_scale_vqa(release, tfds_dir)
     _sync("synthetic_data")
