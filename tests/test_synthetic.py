@@ -332,6 +332,29 @@ def test_three_values_per_attribute(tmp_path: Path) -> None:
         assert im.size == (112, 112)
 
 
+def test_canonical_option_order(tmp_path: Path) -> None:
+    """One fixed option list per question type: the letter names the combination the views show, the
+    text carries nothing, letters stay balanced; the views are those of the shuffled set (same plan)."""
+    kw = dict(seed=4, splits=(("train", 1.0),), image_size=56)
+    synthesize(tmp_path / "c", 80, option_order="canonical", **kw)
+    synthesize(tmp_path / "s", 80, **kw)
+    canonical = json.loads((tmp_path / "c" / "train.json").read_text())
+    shuffled = json.loads((tmp_path / "s" / "train.json").read_text())
+    # architecture-major, in the vocabulary's order
+    index = [(a.key, h.key) for a in DEFAULT_VOCABULARY.architecture for h in DEFAULT_VOCABULARY.nuclei]
+    for qt in QUESTION_TYPES:
+        items = [r for r in canonical if r["extra_info"]["question_type"] == qt]
+        assert len({json.dumps([r["question"], r["options"]]) for r in items}) == 1  # the same text
+    for c, s in zip(canonical, shuffled, strict=True):
+        assert option_combination(c) == option_combination(s)  # same views, same key combination
+        assert c["options"][c["answer"]] == s["options"][s["answer"]]
+        assert c["answer"] == "ABCD"[index.index(option_combination(c))]
+    counts = Counter(r["answer"] for r in canonical)
+    assert set(counts) == set("ABCD") and max(counts.values()) - min(counts.values()) <= 5  # one triplet
+    with pytest.raises(ValueError, match="option_order"):
+        synthesize(tmp_path / "x", 5, option_order="sorted", **kw)
+
+
 def test_argument_errors(tmp_path: Path) -> None:
     synthesize(tmp_path, 5, seed=0, splits=(("train", 1.0),))
     with pytest.raises(FileExistsError):
