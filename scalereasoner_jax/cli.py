@@ -111,6 +111,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from scalereasoner_jax.demo import DemoConfig, run_demo
+
+    changes = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None}
+    run_demo(dataclasses.replace(DemoConfig(), **changes))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from scalereasoner_jax.config import ConfigError, load_config
 
@@ -280,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval)
+
+    m = sub.add_parser(
+        "demo", help="the main job: synthetic data -> SFT warm-up -> GRPO -> export -> evaluation (CPU)"
+    )
+    m.add_argument("--out", default=None, help="output folder (default runs/demo; replaced)")
+    m.add_argument("--questions", type=int, default=None, help="synthetic questions")
+    m.add_argument("--sft_steps", "--sft-steps", dest="sft_steps", type=int, default=None)
+    m.add_argument("--grpo_steps", "--grpo-steps", dest="grpo_steps", type=int, default=None)
+    m.add_argument("--eval_limit", "--eval-limit", dest="eval_limit", type=int, default=None)
+    m.add_argument("--image_size", "--image-size", dest="image_size", type=int, default=None)
+    m.add_argument("--grpo_lr", "--grpo-lr", dest="grpo_lr", type=float, default=None)
+    m.add_argument("--seed", type=int, default=None)
+    m.set_defaults(func=_demo)
+
+    from scalereasoner_jax.curation.cli import add_parser as add_curate_parser
+
+    add_curate_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks (side by side, medians)")
     b.add_argument("what", choices=["forward", "data", "rollout", "grpo"])

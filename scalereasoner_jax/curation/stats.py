@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["accuracy_summary", "chance_test", "letter_balance", "wilson_interval"]
 
@@ -47,6 +46,8 @@ def chance_test(observed: Sequence[float], p_null: Sequence[float]) -> dict[str,
     if var <= 0:
         return {"observed": obs, "expected": expected, "z": None, "p_value": None}
     z = (obs - expected) / math.sqrt(var)
+    from scipy import stats  # imported here: scipy.stats takes seconds to import, the CLI must start fast
+
     return {"observed": obs, "expected": expected, "z": z, "p_value": float(stats.norm.sf(z))}
 
 
@@ -101,4 +102,6 @@ def letter_balance(answers: Sequence[str], option_keys: Sequence[Sequence[str]])
         return {**out, "chi2": None, "df": None, "p_value": None}
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     df = len(order) - 1
+    from scipy import stats
+
     return {**out, "chi2": chi2, "df": df, "p_value": float(stats.chi2.sf(chi2, df))}

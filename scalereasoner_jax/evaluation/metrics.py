@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-Z95 = 1.959963984540054
+from scalereasoner_jax.curation.stats import wilson_interval
 
-
-def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (well behaved at 0, 1 and small n)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+__all__ = ["summarize", "wilson_interval"]
 
 
 def _rate(k: float, n: int) -> dict[str, Any]:
