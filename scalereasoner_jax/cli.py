@@ -67,6 +67,57 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from scalereasoner_jax.export import export_main
+
+    return export_main(args)
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``scalereasoner export``."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training workdir, its checkpoints/ directory or one step directory",
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="the step to export (default: the newest usable)"
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the HF folder the run started from (default: model.hf_dir of the run's config, or "
+        "WORKDIR/init_model for model.init=tiny); gives config, tokenizer and processor",
+    )
+    parser.add_argument("--out", required=True, help="the HF folder to write")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="of the written weights"
+    )
+    parser.add_argument(
+        "--max_shard_size",
+        "--max-shard-size",
+        dest="max_shard_size",
+        default="4GB",
+        help="e.g. 5GB, 500MB, 4GiB",
+    )
+    parser.add_argument(
+        "--image", action="append", default=None, help="a probe image for the parity gate (repeatable)"
+    )
+    parser.add_argument("--prompt", default=None, help="the parity gate's probe text")
+    parser.add_argument(
+        "--base_model_id",
+        "--base-model-id",
+        dest="base_model_id",
+        default=None,
+        help="the card's base_model (a Hub id); default: the base config's _name_or_path if it is one",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the export files of a non-empty --out that is not a previous export",
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     from scalereasoner_jax.evaluation.report import to_markdown
     from scalereasoner_jax.evaluation.runner import EvalConfig, EvalError, run_eval
@@ -264,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--resume", action="store_true", help="continue from the latest usable checkpoint")
         t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=4 checkpoint.every=1")
         t.set_defaults(func=_train)
+
+    x = sub.add_parser("export", help="an Orbax checkpoint -> a Hugging Face folder, gated by a parity check")
+    _add_export_arguments(x)
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("eval", help="greedy evaluation on DATASET:SPLIT, with ablation and baseline rows")
     src = e.add_mutually_exclusive_group(required=True)

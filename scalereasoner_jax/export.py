@@ -88,7 +88,6 @@ __all__ = [
     "RestoredCheckpoint",
     "TensorCheck",
     "VerifyReport",
-    "add_export_arguments",
     "export_checkpoint",
     "export_main",
     "parse_size",
@@ -909,51 +908,6 @@ def export_checkpoint(
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``scalereasoner export``."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a training workdir, its checkpoints/ directory or one step directory",
-    )
-    parser.add_argument(
-        "--step", type=int, default=None, help="the step to export (default: the newest usable)"
-    )
-    parser.add_argument(
-        "--base",
-        default=None,
-        help="the HF folder the run started from (default: model.hf_dir of the run's config, or "
-        "WORKDIR/init_model for model.init=tiny); gives config, tokenizer and processor",
-    )
-    parser.add_argument("--out", required=True, help="the HF folder to write")
-    parser.add_argument(
-        "--dtype", choices=list(EXPORT_DTYPES), default="float32", help="of the written weights"
-    )
-    parser.add_argument(
-        "--max_shard_size",
-        "--max-shard-size",
-        dest="max_shard_size",
-        default="4GB",
-        help="e.g. 5GB, 500MB, 4GiB",
-    )
-    parser.add_argument(
-        "--image", action="append", default=None, help="a probe image for the parity gate (repeatable)"
-    )
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the parity gate's probe text")
-    parser.add_argument(
-        "--base_model_id",
-        "--base-model-id",
-        dest="base_model_id",
-        default=None,
-        help="the card's base_model (a Hub id); default: the base config's _name_or_path if it is one",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the export files of a non-empty --out that is not a previous export",
-    )
 
 
 def export_main(args: argparse.Namespace) -> int:

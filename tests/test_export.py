@@ -6,7 +6,6 @@ module; a GRPO-layout checkpoint (params + AdamW state, sharded over 8 devices) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -22,13 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from scalereasoner_jax import export as export_mod
+from scalereasoner_jax.cli import main as cli_main
 from scalereasoner_jax.config import load_config, to_dict
 from scalereasoner_jax.export import (
     CARD_MARKER,
     ExportError,
-    add_export_arguments,
     export_checkpoint,
-    export_main,
     parse_size,
     restore_checkpoint,
     verify_export,
@@ -172,11 +170,8 @@ def test_cli_exits_1_and_marks_the_card_when_the_gate_fails(sft_run, tmp_path, m
         return path
 
     monkeypatch.setattr(export_mod, "save_pretrained", broken_save)
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     out = tmp_path / "hf"
-    args = parser.parse_args(["--checkpoint", str(sft_run.workdir / "checkpoints"), "--out", str(out)])
-    assert export_main(args) == 1
+    assert cli_main(["export", "--checkpoint", str(sft_run.workdir / "checkpoints"), "--out", str(out)]) == 1
     assert "failed its parity gate" in capsys.readouterr().err
     card = (out / "README.md").read_text()
     assert "Parity gate FAILED" in card and "gate: passed" not in card and "unverified-export" in card
@@ -223,11 +218,9 @@ def test_grpo_checkpoint_from_8_devices_restores_on_one(sft_run: SFTTrainer, tmp
             7, state, {"next_index": 0}, {"config": config, "metrics": {"reward_mean": 0.5}}, force=True
         )
 
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     out = tmp_path / "hf"
     flags = ["--checkpoint", str(workdir / "checkpoints" / "7"), "--out", str(out), "--dtype", "bfloat16"]
-    assert export_main(parser.parse_args([*flags, "--max_shard_size", "300KB"])) == 0
+    assert cli_main(["export", *flags, "--max_shard_size", "300KB"]) == 0
     assert len(list(out.glob("model-*.safetensors"))) > 1
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert "- grpo" in (out / "README.md").read_text()

@@ -20,15 +20,16 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import minimize
 
 from scalereasoner_jax.curation.adversaries import AdversaryResult, tie_credit
 from scalereasoner_jax.curation.folds import grouped_folds
 from scalereasoner_jax.curation.text import MAGNIFICATION_WORDS, content_words, jaccard, word_set, words
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 from scalereasoner_jax.data.schema import ScaleVQARecord
 
 __all__ = ["DENSE_FEATURES", "learned_solver"]
@@ -65,6 +66,8 @@ class _Tfidf:
             rows += [r] * len(idx)
             cols += idx.tolist()
             vals += v.tolist()
+        import scipy.sparse as sp  # scipy is imported on use: the CLI must start fast
+
         return sp.csr_matrix((vals, (rows, cols)), shape=(len(docs), len(self.vocab)))
 
 
@@ -143,6 +146,8 @@ class _ConditionalLogit:
             g[key_rows] -= 1.0
             return loss, xt @ g + self.l2 * w
 
+        from scipy.optimize import minimize
+
         res = minimize(f, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 500})
         self.w = res.x
         return self
@@ -153,6 +158,8 @@ class _ConditionalLogit:
 
 
 def _design(sparse: sp.csr_matrix, dense: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
     return sp.hstack([sparse, sp.csr_matrix((dense - mean) / sd)]).tocsr()
 
 
