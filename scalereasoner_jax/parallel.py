@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -166,20 +169,73 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
 
 
+# Set by ``scalereasoner-launch run`` on every TPU worker: join the pod even where the runtime does not
+# advertise the other hosts in the environment (JAX then discovers them from the TPU metadata).
+MULTIHOST_ENV = "SCALEREASONER_MULTIHOST"
+
+
+def _multihost_tpu() -> bool:
+    if os.environ.get(MULTIHOST_ENV, "") not in ("", "0"):
+        return True
+    # Runtimes that list the slice's hosts (GKE, some TPU VM images), or a multislice job.
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
 def initialize() -> None:
     """The one call programs make at start-up: join the other processes when running multi-host.
 
-    On TPU pods ``jax.distributed.initialize()`` discovers everything itself; elsewhere the local
-    launcher sets ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
-    A single process does nothing.
+    * ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set (the local runner,
+      ``scalereasoner-launch local``, or any cluster launched by hand): join that coordinator;
+    * on a multi-host TPU slice (``SCALEREASONER_MULTIHOST=1``, set by ``scalereasoner-launch run``, or
+      the runtime's host list): ``jax.distributed.initialize()`` discovers everything itself;
+    * otherwise (one process) nothing. Calling it again is a no-op. Call it before any JAX computation.
     """
-    import os
-
+    if jax.distributed.is_initialized():
+        return
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
+    elif _multihost_tpu():
         jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+    """Whether this process writes what must be written once (logs, exports, reports): process 0."""
+    return jax.process_index() == 0
+
+
+def replicated(value: Any, mesh: Mesh) -> Any:
+    """A pytree of host values (the same on every process, e.g. a seed's key) as global arrays fully
+    replicated over ``mesh``. Multi-host checkpoints and jitted steps need global arrays: a plain
+    ``jnp.asarray`` lives on one local device, which Orbax cannot save from several hosts."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x: Any) -> Any:
+        if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.device_get(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(
+                jax.make_array_from_process_local_data(sharding, data), impl=jax.random.key_impl(x)
+            )
+        return jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x)))
+
+    return jax.tree.map(put, value)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (any picklable value), in process order, on every process. Collective:
+    all processes must call it the same number of times. One process: ``[obj]`` without copying."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int64(data.size))
+    # process_allgather needs equal shapes: pad every payload to the longest, cut after.
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]

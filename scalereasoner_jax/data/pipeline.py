@@ -1,12 +1,21 @@
 """The Grain input pipeline: packaged examples -> model-ready, fixed-shape batches.
 
     source (tfds.data_source or any random-access sequence of examples)
-      -> shuffle (seeded; reseeded every epoch) -> repeat -> this process's shard
-      -> option shuffling (training augmentation, seeded per example)
+      -> shuffle (seeded; reseeded every epoch) -> repeat
+      -> option shuffling (training augmentation, seeded per example) -> this process's shard
       -> prompt of DESIGN.md §3 through the chat template, image processing as the model's processor
       -> batches left-padded to a few fixed length buckets (jit compiles once per bucket)
+      -> (several processes) the global batch: every process's batch, gathered on every process
 
 The iterator is checkpointable: ``it.get_state()`` / ``it.set_state(state)`` give the same next batches.
+
+Multi-process: process ``p`` of ``n`` reads, decodes and tokenises only its own examples: blocks of
+``batch_size`` consecutive examples of the shuffled stream, so that process ``p``'s k-th batch is the
+``p``-th slice of the global batch k. The processes then exchange their compact batches (token ids and
+uint8 views), pad them to a common length and patchify, so every process holds the same global batch,
+identical to the batch one process with ``batch_size x n`` would have made. The sampler and the
+trainer prepare model inputs (positions, vision windows) on the host from the whole batch, and jitted
+functions take host inputs as replicated, which requires them to be the same on every process.
 """
 
 from __future__ import annotations
@@ -184,8 +193,14 @@ def make_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    gather: bool | None = None,
 ) -> grain.IterDataset:
-    """The whole pipeline for this process. ``source`` is e.g. ``tfds.data_source(...)``."""
+    """The whole pipeline for this process. ``source`` is e.g. ``tfds.data_source(...)``.
+
+    ``config.batch_size`` is the per-process batch. With several JAX processes (and the default
+    ``gather=None``) the batches are gathered: every process gets the same global batch of
+    ``batch_size x process_count`` rows (collective: iterate on every process in step). ``gather=False``
+    gives this process's shard only."""
     if process_index is None or process_count is None:
         import jax
 
@@ -198,12 +213,21 @@ def make_dataset(
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
-    # Every process shuffles identically, then takes every process_count-th example: disjoint shards
-    # that together cover each epoch.
-    ds = ds[process_index::process_count]
     ds = ds.map(normalize_example)
     if config.shuffle_options:
+        # Before sharding (maps are lazy, per element): the seed of an example then does not depend on
+        # the number of processes.
         ds = ds.random_map(shuffle_options, seed=config.seed + 1)
+    # Every process shuffles identically, then takes its block of each global batch: disjoint shards
+    # that together cover each epoch, in the order one process would read them.
+    if process_count > 1:
+        ds = BlockShardMapDataset(
+            ds,
+            block=config.batch_size,
+            index=process_index,
+            count=process_count,
+            drop_remainder=config.drop_remainder,
+        )
     # Module-level functions bound with partial: the stages must pickle for Grain worker processes.
     ds = ds.map(functools.partial(encode_example, encoder=encoder, config=config))
     ds = ds.batch(
@@ -218,7 +242,116 @@ def make_dataset(
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app none are parsed
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    if gather is None:
+        import jax
+
+        gather = process_count > 1 and jax.process_count() > 1
+    if gather:
+        it_ds = GatherIterDataset(it_ds, pad_id=pad_id)
     return it_ds.map(functools.partial(patchify_batch, processor=encoder.image_processor))
+
+
+class BlockShardMapDataset(grain.MapDataset):
+    """Process ``index`` of ``count``'s share of ``parent``: blocks of ``block`` consecutive elements,
+    one in every ``count``. Element ``i`` is ``parent[(i // block) * block * count + index * block +
+    i % block]``. With ``drop_remainder`` a last round of blocks that would not fill every process's
+    block is left out on all processes (so all of them make the same number of full batches)."""
+
+    def __init__(self, parent: grain.MapDataset, *, block: int, index: int, count: int, drop_remainder: bool):
+        super().__init__(parent)
+        if block < 1 or not 0 <= index < count:
+            raise ValueError(
+                f"block shard: need block >= 1 and 0 <= index < count, got {block}, {index}, {count}"
+            )
+        self._block, self._index, self._count = block, index, count
+        self._parent_length = len(parent)
+        rounds, rest = divmod(self._parent_length, block * count)
+        tail = 0 if drop_remainder else min(max(rest - index * block, 0), block)
+        self._length = rounds * block + tail
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, i: int) -> int:
+        epoch, i = divmod(i, max(self._length, 1))  # MapDataset convention: indices past the end wrap
+        block, offset = divmod(i, self._block)
+        local = block * self._block * self._count + self._index * self._block + offset
+        return epoch * self._parent_length + local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._parent_index(i) for i in indices])
+
+    def __str__(self) -> str:
+        return f"BlockShardMapDataset(block={self._block}, index={self._index}, count={self._count})"
+
+
+def merge_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Collated batches (before or after ``patchify_batch``) -> one batch, rows in order. Prompts are
+    left-padded to the longest batch's length: a bucket, the one ``collate`` would have chosen for all the
+    rows at once; images (and their pixels) follow their rows."""
+    if len(batches) == 1:
+        return batches[0]
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out: dict[str, Any] = {}
+    for key in ("input_ids", "attention_mask"):
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = np.concatenate(
+            [np.pad(b[key], ((0, 0), (length - b[key].shape[1], 0)), constant_values=fill) for b in batches]
+        )
+    for key in batches[0]:
+        if key == "images":
+            out[key] = [img for b in batches for img in b[key]]
+        elif key not in out:
+            out[key] = np.concatenate([b[key] for b in batches])
+    return out
+
+
+class _GatherIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, pad_id: int):
+        super().__init__(parent)
+        self._pad_id = pad_id
+
+    def __next__(self) -> dict[str, Any]:
+        from scalereasoner_jax.parallel import allgather_objects
+
+        # Every process takes part in every exchange, also once its own shard has run out (a last
+        # partial round), so that none waits for the others forever; the loop ends when all ran out.
+        try:
+            local = next(self._parent)
+        except StopIteration:
+            local = None
+        batches = [b for b in allgather_objects(local) if b is not None]
+        if not batches:
+            raise StopIteration
+        return merge_batches(batches, self._pad_id)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()  # this process's position; the checkpoint keeps one per process
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+    def close(self) -> None:
+        self._parent.close()
+
+
+class GatherIterDataset(grain.IterDataset):
+    """Each process's batches -> the global batch on every process (collective; see the module doc)."""
+
+    def __init__(self, parent: grain.IterDataset, *, pad_id: int):
+        super().__init__(parent)
+        self._pad_id = pad_id
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _GatherIterator(self._parent.__iter__(), self._pad_id)
+
+    def __str__(self) -> str:
+        return "GatherIterDataset"
 
 
 def data_source(

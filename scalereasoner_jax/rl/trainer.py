@@ -29,6 +29,7 @@ from flax import nnx
 from scalereasoner_jax.config import GRPOConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
 from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, prepare_inputs
+from scalereasoner_jax.parallel import replicated
 from scalereasoner_jax.rl import grpo, rewards
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig, stop_token_sequences
 from scalereasoner_jax.rl.scoring import ScoreBatch, completion_logprobs, score_batch
@@ -126,15 +127,17 @@ class GRPOTrainer(Learner):
             raise ValueError(
                 f"rollout.prompts_per_step={c.rollout.prompts_per_step} must divide by {n_proc} processes"
             )
-        self.local_prompts = c.rollout.prompts_per_step // n_proc
+        # Each process reads prompts_per_step / n_proc prompts; the pipeline gathers them, so every
+        # process holds (and steps on) the same global batch of prompts_per_step prompts.
+        self.batch_prompts = c.rollout.prompts_per_step
         micro = c.grpo.num_minibatches * c.grpo.grad_accum
-        if self.local_prompts % micro:
+        if self.batch_prompts % micro:
             raise ValueError(
-                f"prompts per process ({self.local_prompts}) must divide by "
+                f"rollout.prompts_per_step ({self.batch_prompts}) must divide by "
                 f"num_minibatches x grad_accum ({micro})"
             )
         self.pipeline_config = PipelineConfig(
-            batch_size=self.local_prompts,
+            batch_size=self.batch_prompts // n_proc,
             seed=c.data.seed,
             num_epochs=None,
             length_buckets=tuple(c.data.length_buckets),
@@ -145,12 +148,21 @@ class GRPOTrainer(Learner):
         self.data_iter = iter(make_dataset(self.train_source, self.encoder, self.pipeline_config))
 
         self.tx = make_optimizer(c.optim, c.train.steps)
-        self.opt_state = jax.jit(self.tx.init)(self.params)
-        self.rng = jax.random.key(c.train.seed)
+        # jit leaves the state's scalars (AdamW's step count) on one local device; multi-host checkpoints
+        # and the update's fixed output shardings need every leaf on the mesh.
+        self.opt_state = jax.tree.map(self._on_mesh, jax.jit(self.tx.init)(self.params))
+        # Global (mesh-replicated) arrays, not single-device ones: saved collectively from every host.
+        self.rng = replicated(jax.random.key(c.train.seed), self.mesh)
         self.step = 0
         self._jit()
 
         self.start(self.workdir, resume=resume, desc="grpo")
+
+    def _on_mesh(self, x: jax.Array) -> jax.Array:
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == self.mesh:
+            return x
+        return replicated(x, self.mesh)
 
     # -- jitted pieces -------------------------------------------------------------------------------
     def _jit(self) -> None:
@@ -188,7 +200,11 @@ class GRPOTrainer(Learner):
         self._grads = jax.jit(grads)
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
         self._scale = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a), donate_argnums=0)
-        self._apply = jax.jit(apply, donate_argnums=(0, 1))
+        # Outputs keep the inputs' shardings (the model's logical rules): left to XLA, parameters drift to
+        # other layouts after the first update, and every jitted function taking them compiles again.
+        shardings = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
+        scalar = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shardings, scalar))
 
     def _reference(self):
         if self.config.reference.offload_to_host:
@@ -243,7 +259,7 @@ class GRPOTrainer(Learner):
 
         g = rollout.group_size
         n_micro = c.grpo.num_minibatches * c.grpo.grad_accum
-        prompt_chunks = np.array_split(np.arange(self.local_prompts), n_micro)
+        prompt_chunks = np.array_split(np.arange(self.batch_prompts), n_micro)
         stats_list, norms = [], []
         for _ in range(c.grpo.ppo_epochs):
             for m in range(c.grpo.num_minibatches):
@@ -321,7 +337,8 @@ class GRPOTrainer(Learner):
 
     # -- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, n: int | None = None, *, split: str | None = None, drop_images: bool = False) -> dict:
-        """Greedy accuracy / format rate on ``n`` examples of the validation split (this process's shard)."""
+        """Greedy accuracy / format rate on the first ``n`` examples of the validation split (gathered over
+        processes: the same figures on every process)."""
         source = dataset_source(self.config.data, self.workdir, split or self.config.data.val_split)
         return greedy_eval(
             self.eval_sampler,
@@ -338,7 +355,7 @@ class GRPOTrainer(Learner):
         return {
             "params": self.params,
             "opt_state": self.opt_state,
-            "step": jnp.asarray(self.step),
+            "step": replicated(np.asarray(self.step, np.int32), self.mesh),
             "rng": self.rng,
         }
 

@@ -10,7 +10,12 @@ import jax
 from flax import nnx
 
 from scalereasoner_jax.parallel import initialize
-from scalereasoner_jax.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, PreemptionGuard
+from scalereasoner_jax.train.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    Checkpointer,
+    PreemptionGuard,
+    checkpoint_path,
+)
 from scalereasoner_jax.train.metrics import MetricsWriter
 from scalereasoner_jax.train.setup import load_model, model_dir, prompt_encoder
 
@@ -65,8 +70,9 @@ class Learner:
     def start(self, workdir: Path, *, resume: bool, desc: str) -> None:
         """Checkpoints (restored from when ``resume``), then the metrics writer from the restored step."""
         c = self.config
+        out = checkpoint_path(workdir)  # a gs:// workdir stays one (pathlib would collapse it to gs:/)
         self.checkpointer = Checkpointer(
-            workdir / "checkpoints",
+            out / "checkpoints",
             every=c.checkpoint.every,
             keep=c.checkpoint.keep,
             async_save=c.checkpoint.async_save,
@@ -74,7 +80,7 @@ class Learner:
         if resume:
             self._restore()
         self.metrics = MetricsWriter(
-            workdir,
+            out,
             tensorboard=c.train.tensorboard,
             total_steps=c.train.steps,
             desc=desc,

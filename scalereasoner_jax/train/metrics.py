@@ -1,9 +1,12 @@
 """Per-step metrics: ``WORKDIR/metrics.jsonl`` (one JSON object per step), TensorBoard event files and a
-console progress bar. Only process 0 writes."""
+console progress bar. Only process 0 writes. ``WORKDIR`` may be ``gs://...`` (through etils' epath, which
+reaches GCS with TensorFlow's file system); TensorBoard then needs ``google-cloud-storage`` and is
+skipped with a warning without it."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +14,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+from scalereasoner_jax.train.checkpoint import checkpoint_path
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -24,7 +32,7 @@ def _plain(value: Any) -> Any:
 class MetricsWriter:
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | Path | epath.Path,
         *,
         tensorboard: bool = True,
         total_steps: int | None = None,
@@ -32,7 +40,8 @@ class MetricsWriter:
         resume_step: int = 0,
     ):
         self.active = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        out = checkpoint_path(workdir)  # local (made absolute) or a URL, kept whole
+        self.path = out / "metrics.jsonl"
         self._tb = None
         self._bar = None
         if not self.active:
@@ -43,7 +52,10 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            try:
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError as e:  # gs:// without google-cloud-storage: metrics.jsonl has everything
+                log.warning("no TensorBoard events in %s (%s); metrics.jsonl has the same figures", out, e)
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True)
