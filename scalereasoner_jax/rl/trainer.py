@@ -158,12 +158,6 @@ class GRPOTrainer(Learner):
 
         self.start(self.workdir, resume=resume, desc="grpo")
 
-    def _on_mesh(self, x: jax.Array) -> jax.Array:
-        sharding = x.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == self.mesh:
-            return x
-        return replicated(x, self.mesh)
-
     # -- jitted pieces -------------------------------------------------------------------------------
     def _jit(self) -> None:
         graphdef, temperature, loss_config = self.graphdef, self.sampling.temperature, self.loss_config

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from scalereasoner_jax.parallel import initialize
+from scalereasoner_jax.parallel import initialize, replicated
 from scalereasoner_jax.train.checkpoint import (
     PREEMPTED_EXIT_CODE,
     Checkpointer,
@@ -62,6 +62,14 @@ class Learner:
         self.graphdef, params = nnx.split(model)
         self.encoder = prompt_encoder(config.model, self.hf_dir)
         return params
+
+    def _on_mesh(self, x: jax.Array) -> jax.Array:
+        """``x`` itself if it lives on the mesh, else replicated over it: single-device arrays (what jit
+        leaves for scalars such as AdamW's step count) cannot be saved collectively from several hosts."""
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == self.mesh:
+            return x
+        return replicated(x, self.mesh)
 
     def _restore(self) -> None:
         """Load the newest usable checkpoint into the learner's state (nothing if there is none)."""

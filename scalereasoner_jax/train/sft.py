@@ -28,6 +28,7 @@ from scalereasoner_jax.config import SFTConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
 from scalereasoner_jax.models.qwen2_5_vl import save_pretrained
 from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
+from scalereasoner_jax.parallel import replicated
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig
 from scalereasoner_jax.rl.scoring import completion_logprobs, score_batch
 from scalereasoner_jax.train.evaluate import greedy_eval
@@ -84,17 +85,19 @@ class SFTTrainer(Learner):
         self.pad_id = tok.pad_token_id
 
         self.lora_scale = c.sft.lora_alpha / max(c.sft.lora_rank, 1)
-        self.rng = jax.random.key(c.train.seed)
+        # Global (mesh-replicated) arrays: checkpoints are saved collectively from every host.
+        self.rng = replicated(jax.random.key(c.train.seed), self.mesh)
         if c.sft.lora_rank:
             paths = lora_paths(self.base, tuple(c.sft.lora_targets))
             if not paths:
                 raise ValueError(f"sft.lora_targets {list(c.sft.lora_targets)} match no projection")
             self.rng, key = jax.random.split(self.rng)
-            self.trainable = init_lora(self.base, paths, c.sft.lora_rank, key)
+            lora = init_lora(self.base, paths, c.sft.lora_rank, key)
+            self.trainable = jax.tree.map(self._on_mesh, lora)
         else:
             self.trainable = self.base
         self.tx = make_optimizer(c.optim, c.train.steps)
-        self.opt_state = jax.jit(self.tx.init)(self.trainable)
+        self.opt_state = jax.tree.map(self._on_mesh, jax.jit(self.tx.init)(self.trainable))
 
         n_proc = jax.process_count()
         if c.sft.batch_size % n_proc:
@@ -137,7 +140,10 @@ class SFTTrainer(Learner):
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, loss, norm
 
-        self._step = jax.jit(step, donate_argnums=(0, 1))
+        # Outputs keep the inputs' shardings: left to XLA they drift, and everything taking them recompiles.
+        shardings = jax.tree.map(lambda x: x.sharding, (self.trainable, self.opt_state))
+        scalar = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, scalar, scalar))
 
     def _targets(self, batch: Mapping[str, Any]) -> Rollout:
         """Tokenised targets, right-padded, with ``<|im_end|>`` closing each; shaped like a rollout."""
@@ -194,7 +200,7 @@ class SFTTrainer(Learner):
         return {
             "trainable": self.trainable,
             "opt_state": self.opt_state,
-            "step": jnp.asarray(self.step),
+            "step": replicated(np.asarray(self.step, np.int32), self.mesh),
             "rng": self.rng,
         }
 
