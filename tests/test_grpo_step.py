@@ -58,3 +58,45 @@ def test_one_update_raises_rewarded_completions_and_lowers_the_rest(tmp_path, mo
     assert (delta[rewarded] > 0).all(), delta
     assert delta[~rewarded].mean() < 0, delta
     assert slice_prompts(batch, np.arange(len(batch["id"])))["input_ids"].shape == batch["input_ids"].shape
+
+
+def test_blind_eval_logs_accuracy_without_images(tmp_path, monkeypatch):
+    """``blind_eval.every``: the same validation slice answered with and without its images, logged to the
+    metrics JSONL (and TensorBoard) at those steps only."""
+    import json
+
+    from scalereasoner_jax.rl.sampler import Sampler
+
+    config = load_config(
+        "grpo_tiny_cpu",
+        [
+            "data.synthetic.n=60",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=4",
+            "train.steps=2",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+            "blind_eval.every=2",
+            "blind_eval.examples=3",
+        ],
+        kind="grpo",
+    )
+    calls = []
+    generate = Sampler.generate
+
+    def spy(self, state, batch, group_size, key):
+        calls.append((group_size, "pixel_values" in batch, len(batch["input_ids"])))
+        return generate(self, state, batch, group_size, key)
+
+    monkeypatch.setattr(Sampler, "generate", spy)
+    trainer = GRPOTrainer(config, tmp_path)
+    assert trainer.train() == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "blind_accuracy" not in rows[0]
+    assert {"blind_accuracy", "blind_format_rate", "blind_slice_accuracy"} <= set(rows[1])
+    evals = [c for c in calls if c[0] == 1]  # greedy evaluation calls (group size 1); rollouts use G=2
+    half = len(evals) // 2  # the slice with its images, then the same slice without
+    assert half >= 1 and [has for _, has, _ in evals] == [True] * half + [False] * half
+    assert sum(rows for _, _, rows in evals[:half]) >= 3  # the whole slice of 3 examples
+    assert list((tmp_path / "tensorboard").iterdir())

@@ -330,6 +330,21 @@ class GRPOTrainer(Learner):
         )
 
     # -- evaluation ------------------------------------------------------------------------------------
+    def periodic_metrics(self) -> dict[str, float]:
+        """``blind_eval.every``: greedy answers on a fixed validation slice with and without its images.
+        ``blind_accuracy`` near ``blind_slice_accuracy`` means the policy answers from the text alone
+        (a shortcut); on a set without shortcuts it stays at chance while the other rises."""
+        b = self.config.blind_eval
+        if not b.every or self.step % b.every:
+            return {}
+        seen = self.evaluate(b.examples)
+        blind = self.evaluate(b.examples, drop_images=True)
+        return {
+            "blind_accuracy": blind["accuracy"],
+            "blind_format_rate": blind["format_rate"],
+            "blind_slice_accuracy": seen["accuracy"],
+        }
+
     def evaluate(self, n: int | None = None, *, split: str | None = None, drop_images: bool = False) -> dict:
         """Greedy accuracy / format rate on the first ``n`` examples of the validation split (gathered over
         processes: the same figures on every process)."""

@@ -95,6 +95,10 @@ class Learner:
             resume_step=self.step,
         )
 
+    def periodic_metrics(self) -> dict[str, float]:
+        """Extra figures a learner adds at some steps (GRPO: the blind evaluation)."""
+        return {}
+
     def on_finish(self) -> None:
         """Called once after the last step (e.g. SFT exports its weights)."""
 
@@ -110,6 +114,7 @@ class Learner:
                 if c.train.eval_every and self.step % c.train.eval_every == 0:
                     ev = self.evaluate(c.train.eval_examples)
                     metrics.update({"val_accuracy": ev["accuracy"], "val_format_rate": ev["format_rate"]})
+                metrics.update(self.periodic_metrics())
                 self.metrics.write(self.step, metrics)
                 self.save(metrics=metrics, force=self.step == c.train.steps)
                 if guard.should_stop():
