@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev,tfds-cli]'
 	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/scalereasoner demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

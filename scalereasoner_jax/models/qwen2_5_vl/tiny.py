@@ -358,10 +358,12 @@ def make_tiny_hf_model(
     dtype: str = "float32",
     tokenizer_from: str | Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    corpus: Iterable[str] | None = None,
 ) -> Path:
     """Build a tiny Qwen2.5-VL Hugging Face folder (model, tokenizer, processor) and return its path.
 
-    `tokenizer_from` copies the tokenizer of an existing folder instead of training one. The
+    `tokenizer_from` copies the tokenizer of an existing folder instead of training one; `corpus`
+    adds domain texts (e.g. a training set's prompts) to the tokenizer's training texts. The
     weights are seeded (same seed -> same safetensors) and non-trivial; see `_randomize_`.
     """
     import torch
@@ -380,7 +382,7 @@ def make_tiny_hf_model(
         _copy_tokenizer(Path(tokenizer_from), out)
         tokenizer = AutoTokenizer.from_pretrained(out)
     else:
-        tokenizer = train_tokenizer(out, vocab_size=vocab_size)
+        tokenizer = train_tokenizer(out, corpus, vocab_size=vocab_size)
 
     n_vocab = len(tokenizer)
     cfg = tiny_config(
