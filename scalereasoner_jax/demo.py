@@ -121,7 +121,7 @@ def plot_curves(metrics_jsonl: Path, out_png: Path, *, warmup: float, final: flo
     ax.axhline(final, color="tab:green", ls="--", lw=1, label=f"held-out after GRPO {final:.2f}")
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1)
-    ax.set_title("ScaleReasoner-JAX demo: tiny Qwen2.5-VL, GRPO on the synthetic cross-scale set")
+    ax.set_title("make demo: GRPO of a tiny Qwen2.5-VL on the synthetic cross-scale set", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
