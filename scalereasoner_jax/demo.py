@@ -34,7 +34,7 @@ class DemoConfig:
     # large gradients of those stray tokens drown the letter's.
     sft_steps: int = 200
     sft_lr: float = 1e-2
-    grpo_steps: int = 250
+    grpo_steps: int = 400
     # GRPO: the letter is the only decision, so the gradient is a noisy classification signal; measured
     # here, 8 prompts x G=8 per step did not leave chance in 300 steps; 16 x 16 is what learns.
     grpo_lr: float = 3e-3
