@@ -268,7 +268,13 @@ def test_to_dict_is_plain_and_round_trips():
     config = load_config("grpo_tiny_cpu", ["rollout.stop_strings=[a, b]"], kind="grpo")
     d = to_dict(config)
     assert d["rollout"]["stop_strings"] == ["a", "b"] and d["data"]["length_buckets"] == [512, 640, 768]
-    assert d["data"]["synthetic"] == {"n": 600, "seed": 0, "image_size": 224, "high_mag_missing_rate": 0.0}
+    assert d["data"]["synthetic"] == {
+        "n": 600,
+        "seed": 0,
+        "image_size": 224,
+        "high_mag_missing_rate": 0.0,
+        "option_order": "shuffled",
+    }
     assert from_dict(d, kind="grpo") == config
     sft = load_config("sft_scale_vqa_7b", kind="sft")
     assert from_dict(to_dict(sft), kind="sft") == sft
