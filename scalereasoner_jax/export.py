@@ -74,7 +74,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from scalereasoner_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from scalereasoner_jax.models.qwen2_5_vl.model import Qwen25VL
-from scalereasoner_jax.models.qwen2_5_vl.params import from_pretrained, hf_state_dict, save_pretrained
+from scalereasoner_jax.models.qwen2_5_vl.params import (
+    BASE_FILES,
+    from_pretrained,
+    hf_state_dict,
+    save_pretrained,
+)
 from scalereasoner_jax.models.qwen2_5_vl.parity import DEFAULT_PROMPT, THRESHOLDS, ParityReport, run_parity
 from scalereasoner_jax.parallel import make_mesh
 from scalereasoner_jax.train.checkpoint import COMMIT_MARKER, TMP_MARKER, checkpoint_path, fingerprints
@@ -95,22 +100,7 @@ __all__ = [
     "verify_export",
 ]
 
-# The base files an export carries over (whichever exist). Never weights.
-BASE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
+# Besides BASE_FILES (never weights), folders of the base an export carries over.
 BASE_DIRS = ("additional_chat_templates",)
 INDEX = "model.safetensors.index.json"
 CARD = "README.md"

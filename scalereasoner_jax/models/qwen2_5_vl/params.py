@@ -239,9 +239,11 @@ def hf_state_dict(model: Qwen25VL, dtype=None) -> Iterator[tuple[str, np.ndarray
         yield name, np.ascontiguousarray(to_hf(array))
 
 
-_COPIED_FILES = (
+# Tokenizer, processor, chat-template and generation files a converted folder carries over (whichever exist).
+BASE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "tokenizer.model",
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
@@ -297,7 +299,7 @@ def save_pretrained(
     config["dtype"] = "bfloat16" if saved_dtype == jnp.bfloat16 else str(saved_dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if reference_dir is not None:
-        for fname in _COPIED_FILES:
+        for fname in BASE_FILES:
             src = Path(reference_dir) / fname
             if src.is_file():
                 shutil.copy2(src, out / fname)
