@@ -1,9 +1,12 @@
 """Batched, jitted generation with the KV cache, G samples per prompt from one prefill.
 
-    images of B prompts --vision tower (once)--> features --prefill B prompts (once)--> cache (B)
-        --repeat x G--> cache (B*G) --lax.while_loop: decode one token for all B*G rows--> tokens
+    images of B prompts --vision tower (once)--> features --prefill B prompts (once)--> prompt cache (B)
+        --lax.while_loop: decode one token for all B*G rows--> tokens
 
-The cache is donated to every jitted call so XLA updates it in place. Prompt lengths come from the
+The B*G rows write their completions into their own cache, whose prefix is the prompt cache: the G
+samples of a prompt read its keys and values once per step instead of G copies of them. The prompt
+cache is donated to the prefill and the completions' cache lives in the loop, so both are updated in
+place. Prompt lengths come from the
 pipeline's length buckets and image features are padded to a row bucket, so one compilation serves
 every batch of a bucket. Log-probs are those of the sampled tokens under the temperature-scaled
 distribution (top-k / top-p only restrict what is sampled), which is what the trainer recomputes.
@@ -107,10 +110,6 @@ def _pad_features(features: jax.Array, bucket: int) -> jax.Array:
     return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
 
 
-def _repeat_rows(tree: Any, group_size: int) -> Any:
-    return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x, tree)
-
-
 def _prefill(
     graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
@@ -122,18 +121,21 @@ def _prefill(
 def _decode_loop(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    cache: KVCache,
+    prompt_cache: KVCache,
     last_logits: jax.Array,
     next_pos: jax.Array,
     key: jax.Array,
     *,
+    group_size: int,
     config: SamplingConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
-    """Sample up to ``max_new_tokens`` for every row of the (donated) cache in one ``lax.while_loop``,
-    which stops early once every row has ended."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sample up to ``max_new_tokens`` for G rows per prompt of ``prompt_cache`` in one
+    ``lax.while_loop``, which stops early once every row has ended."""
     model: Qwen25VL = nnx.merge(graphdef, state)
-    n = last_logits.shape[0]
     steps = config.max_new_tokens
+    last_logits, next_pos = (jnp.repeat(x, group_size, axis=0) for x in (last_logits, next_pos))
+    n = last_logits.shape[0]
+    cache = KVCache.create(model.config.text, n, steps, prompt_cache.k[0].dtype, prefix=prompt_cache)
     window_len = max([len(s) for s in config.stop_sequences] + [1])
 
     key, sub = jax.random.split(key)
@@ -162,8 +164,8 @@ def _decode_loop(
         return step + 1, cache, new, window, key, done, tokens, logps, lengths
 
     carry = (jnp.ones((), jnp.int32), cache, token, window, key, done, tokens, logps, lengths)
-    _, cache, _, _, _, done, tokens, logps, lengths = jax.lax.while_loop(cond, body, carry)
-    return tokens, logps, lengths, done, cache
+    _, _, _, _, _, done, tokens, logps, lengths = jax.lax.while_loop(cond, body, carry)
+    return tokens, logps, lengths, done
 
 
 class Sampler:
@@ -181,9 +183,9 @@ class Sampler:
         self.cache_dtype = model.dtype
         self._vision = jax.jit(self._vision_fn)
         self._prefill = jax.jit(functools.partial(_prefill, self.graphdef), donate_argnames=("cache",))
-        self._expand = jax.jit(_repeat_rows, static_argnums=1)
         self._decode = jax.jit(
-            functools.partial(_decode_loop, self.graphdef, config=config), donate_argnames=("cache",)
+            functools.partial(_decode_loop, self.graphdef, config=config),
+            static_argnames=("group_size",),
         )
 
     def _vision_fn(self, state: nnx.State, inputs: ModelInputs) -> jax.Array:
@@ -208,14 +210,12 @@ class Sampler:
         features = self.image_features(state, inputs)
         text_only = dataclasses.replace(inputs, pixel_values=None, vision=None)
         b, length = inputs.input_ids.shape
-        cache = KVCache.create(
-            self.model_config.text, b, length + self.config.max_new_tokens, self.cache_dtype
-        )
+        cache = KVCache.create(self.model_config.text, b, length, self.cache_dtype)
         last, cache = self._prefill(state, text_only, features, cache)
         # Each prompt's prefilled cache and last logits serve its G samples.
-        cache, last = self._expand((cache, last), group_size)
-        next_pos = np.repeat(inputs.next_position, group_size)
-        tokens, logps, lengths, done, _ = self._decode(state, cache, last, next_pos, key)
+        tokens, logps, lengths, done = self._decode(
+            state, cache, last, inputs.next_position, key, group_size=group_size
+        )
         tokens, logps, lengths, done = jax.device_get((tokens, logps, lengths, done))
         mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
         return Rollout(

@@ -1,10 +1,10 @@
 """Log-probs of sampled completions under a model (the policy before/after an update, the reference).
 
 Scoring reuses the sampler's structure: each prompt (with its images, encoded once) is run through the
-model once into a KV cache, the cache is repeated for the prompt's G completions, and the completions
-are teacher-forced as one chunk on top of it. The prompt is therefore not recomputed G times, and only
+model once into a KV cache, and its G completions are teacher-forced as one chunk in a cache whose
+shared prefix is the prompt's. The prompt is therefore neither recomputed nor copied G times, and only
 completion positions are projected to the vocabulary. Everything is differentiable: gradients reach
-the prompt's computation through the repeated cache.
+the prompt's computation through the shared prefix.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def completion_logprobs(
     prompts, g = batch.prompts, batch.group_size
     b, length = prompts.input_ids.shape
     n, t = batch.completion.shape
-    cache = KVCache.create(model.config.text, b, length + t, model.dtype)
-    last, cache = model.prefill(prompts, cache, image_features=features, last_only=True)
-    cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0) if x.ndim else x, cache)
+    prompt_cache = KVCache.create(model.config.text, b, length, model.dtype)
+    last, prompt_cache = model.prefill(prompts, prompt_cache, image_features=features, last_only=True)
+    cache = KVCache.create(model.config.text, n, t, model.dtype, prefix=prompt_cache)
     # Completion tokens are text (a generated <|image_pad|> is an ordinary token, as when decoding).
     embeds = model.language_model.embed(batch.completion)
     pos = jnp.repeat(prompts.next_position, g)[:, None] + jnp.arange(t)[None, :]

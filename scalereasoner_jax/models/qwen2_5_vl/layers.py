@@ -78,21 +78,66 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
     q: (B, S, H, D); k, v: (B, T, K, D) with H a multiple of K; mask: (B, S, T) or (B, 1, T), True where
     attending is allowed. Scores and softmax in float32, the weighted sum in v's dtype.
+    """
+    return cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
-    The query heads sharing a KV head are folded into the query axis, so both contractions are plain
-    batched matmuls over (B, K); the mask enters as an additive bias that XLA fuses into the softmax.
+
+def _bias(mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Float32 q.k (..., S, T) of queries (..., S, D) and keys (..., T, D), leading axes broadcast.
+
+    With one query per row (decoding) a fused multiply-reduce streams the keys once; XLA:CPU's batched
+    dot for that shape has a large fixed cost, and for bf16 a slow path.
+    """
+    if q.shape[-2] == 1:
+        return jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)[..., None, :]
+    return jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+
+
+def _weighted(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs (..., S, T) float32 times values (..., T, D), leading axes broadcast, in v's dtype."""
+    if probs.shape[-2] == 1:
+        return jnp.sum(jnp.swapaxes(probs, -1, -2) * v.astype(jnp.float32), axis=-2, keepdims=True).astype(
+            v.dtype
+        )
+    return jnp.matmul(probs.astype(v.dtype), v)
+
+
+def cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """``attention`` with k, v in the KV cache's (B, K, T, D) layout, optionally after a shared prefix.
+
+    The query heads sharing a KV head become a free axis of plain batched matmuls over (B, K); reading
+    the cache in its own layout means no transposed copy of it per layer and step. ``prefix`` =
+    (keys (P_B, K, P, D), values, valid (P_B, P)) is a prompt shared by groups of B / P_B consecutive
+    rows: every query attends to its group's valid prefix slots, then to ``k``/``v`` under ``mask``,
+    in one softmax. The prefix is read once per group rather than once per row.
     """
     b, s, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     g = h // kv
-    qt = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D)
-    scores = jnp.einsum("bkqd,bktd->bkqt", qt, kt, preferred_element_type=jnp.float32)
-    bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]  # (B, 1, 1, S|1, T)
-    scores = scores.reshape(b, kv, g, s, -1) * (d**-0.5) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * s, -1)
-    out = jnp.einsum("bkqt,bktd->bkqd", probs, vt)
-    return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    qt = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4)  # (B, K, g, S, D)
+    k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, T, D): broadcast over the query heads
+    scores = _scores(qt, k) * (d**-0.5) + _bias(mask)[:, None, None]  # mask (B, S|1, T)
+    if prefix is None:
+        out = _weighted(jax.nn.softmax(scores, axis=-1), v)
+    else:
+        pk, pv, pvalid = (prefix[0][:, None, :, None], prefix[1][:, None, :, None], prefix[2])
+        pb, p = pk.shape[0], pk.shape[-2]
+        qg = qt.reshape(pb, b // pb, kv, g, s, d)  # (P_B, G, K, g, S, D) against (P_B, 1, K, 1, P, D)
+        pscores = _scores(qg, pk) * (d**-0.5) + _bias(pvalid)[:, None, None, None, None, :]
+        probs = jax.nn.softmax(jnp.concatenate([pscores.reshape(b, kv, g, s, p), scores], -1), axis=-1)
+        from_prefix = _weighted(probs[..., :p].reshape((*qg.shape[:-1], p)), pv)
+        out = from_prefix.reshape(b, kv, g, s, d) + _weighted(probs[..., p:], v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def causal_attention(

@@ -14,7 +14,7 @@ from scalereasoner_jax.models.qwen2_5_vl.layers import (
     Linear,
     RMSNorm,
     SwiGLU,
-    attention,
+    cache_attention,
     causal_attention,
     param,
     rotate_half,
@@ -25,19 +25,29 @@ from scalereasoner_jax.parallel import constrain
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys and values (B, T, K, D), which slots hold real tokens, and the next write slot.
+    """Per-layer keys and values (B, K, T, D), which slots hold real tokens, and the next write slot.
 
-    Prompts are left-padded to one length, so every row writes at the same ``index``.
+    Prompts are left-padded to one length, so every row writes at the same ``index``. With a ``prefix``
+    (a filled cache of B / G rows, read-only), rows r*G .. r*G+G-1 continue prefix row r: the G samples
+    or completions of one prompt share its keys and values instead of G copies.
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid: jax.Array  # (B, T) bool
     index: jax.Array  # () int32
+    prefix: KVCache | None = None
 
     @classmethod
-    def create(cls, cfg: TextConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    def create(
+        cls, cfg: TextConfig, batch: int, length: int, dtype=jnp.float32, prefix: KVCache | None = None
+    ) -> KVCache:
+        if prefix is not None and (prefix.prefix is not None or batch % prefix.valid.shape[0]):
+            raise ValueError(
+                f"a prefix must be a plain cache whose rows divide the batch ({batch} rows after "
+                f"{prefix.valid.shape[0]})"
+            )
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
         zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
         layers = range(cfg.num_hidden_layers)
         return cls(
@@ -45,6 +55,7 @@ class KVCache:
             v=tuple(zeros() for _ in layers),
             valid=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
+            prefix=prefix,
         )
 
     @property
@@ -67,6 +78,14 @@ def mrope(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """New keys or values (B, S, K, D) into the cache's (B, K, T, D) at slot ``index``."""
+    updated = jax.lax.dynamic_update_slice_in_dim(
+        cached, new.transpose(0, 2, 1, 3).astype(cached.dtype), index, axis=2
+    )
+    return constrain(updated, ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -81,7 +100,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array] | None, index):
+    def __call__(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array] | None, index, prefix=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -90,14 +109,12 @@ class Attention(nnx.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         q = constrain(q, ("batch", "length", "act_heads", None))
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-            k = constrain(k, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
-            v = constrain(v, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"))
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        else:
-            out = causal_attention(q, k, v, mask)
+        if kv is None:
+            return self.o_proj(causal_attention(q, k, v, mask).reshape(b, s, -1)), (k, v)
+        k, v = _write(kv[0], k, index), _write(kv[1], v, index)
+        if prefix is not None:
+            prefix = (prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2])
+        out = cache_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
         return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 
@@ -109,8 +126,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv, index):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv, index, prefix=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, prefix)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed")), kv
@@ -168,7 +185,8 @@ class TextModel(nnx.Module):
 
         ``token_mask`` (B, S) marks real tokens (0 = padding). Without a cache, attention is causal over
         this chunk. With one, the chunk is written at ``cache.index`` and attends to every valid slot
-        before it: a prefill when S > 1, one decode step when S = 1.
+        before it (and to the cache's shared prefix, if it has one): a prefill when S > 1, one decode
+        step when S = 1.
         """
         s = embeds.shape[1]
         x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
@@ -184,16 +202,19 @@ class TextModel(nnx.Module):
         k_pos = jnp.arange(key_valid.shape[1])
         mask = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # (B, S, T)
 
+        shared = None if cache is None else cache.prefix
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
+            prefix = None if shared is None else (shared.k[i], shared.v[i], shared.valid)
             if self.remat == "none":
-                x, (k, v) = layer(x, cos, sin, mask, kv, index)
+                x, (k, v) = layer(x, cos, sin, mask, kv, index, prefix)
             else:
-                x, (k, v) = _checkpointed(layer, REMAT_POLICIES[self.remat], x, cos, sin, mask, kv, index)
+                policy = REMAT_POLICIES[self.remat]
+                x, (k, v) = _checkpointed(layer, policy, x, cos, sin, mask, kv, index, prefix)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=index + s)
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=index + s, prefix=shared)
