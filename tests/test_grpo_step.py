@@ -100,3 +100,52 @@ def test_blind_eval_logs_accuracy_without_images(tmp_path, monkeypatch):
     assert half >= 1 and [has for _, has, _ in evals] == [True] * half + [False] * half
     assert sum(rows for _, _, rows in evals[:half]) >= 3  # the whole slice of 3 examples
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_on_policy_update_reuses_its_forward_pass_for_the_old_log_probs(tmp_path, monkeypatch):
+    """With one update per step the old policy's log-probs come from the update's own forward pass: the
+    same update, loss and sampler/trainer log-prob gap as with the separate scoring pass."""
+    overrides = [
+        "data.synthetic.n=40",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=3",
+        "rollout.max_new_tokens=6",
+        "train.eval_every=0",
+        "train.tensorboard=false",
+        "checkpoint.every=0",
+        "optim.lr=1e-3",
+        "grpo.grad_accum=2",
+    ]
+    results = []
+    for on_policy in (True, False):
+        trainer = GRPOTrainer(load_config("grpo_tiny_cpu", overrides, kind="grpo"), tmp_path / str(on_policy))
+        assert trainer.on_policy
+        trainer.on_policy = on_policy
+        calls = []
+        monkeypatch.setattr(trainer, "_logprobs", _counting(trainer._logprobs, calls))
+        monkeypatch.setattr(trainer, "_rewards", _alternating_rewards)
+        metrics = trainer.train_step()
+        # The reference (kl_coef > 0) is always scored; the policy only without the shortcut.
+        assert len(calls) == (1 if on_policy else 2)
+        results.append((metrics, jax.device_get(trainer.params)))
+    (fast, fast_params), (slow, slow_params) = results
+    assert fast["advantage_abs_mean"] > 0 and fast["sampler_logprob_diff"] < 1e-4
+    for key in ("loss", "kl", "entropy", "grad_norm", "sampler_logprob_diff", "reward_mean"):
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # AdamW's first step is about lr * sign(gradient): gradients within float noise of 0 may differ by
+    # up to lr there, so compare the parameters at 1% of lr (1e-3).
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # noqa: E731
+    jax.tree.map(close, fast_params, slow_params)
+
+
+def _counting(fn, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _alternating_rewards(batch, rollout):
+    r = (np.arange(len(rollout.tokens)) % 2).astype(np.float32)
+    return r, {"accuracy": float(r.mean()), "format_rate": 0.0}

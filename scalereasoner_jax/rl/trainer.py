@@ -7,6 +7,10 @@ One step, as in the paper's recipe (DESIGN.md §3)::
       -> log-probs of the policy before the update (and of the frozen reference, for the KL term)
       -> ppo_epochs x num_minibatches AdamW updates, each accumulating grad_accum micro-batches
 
+With one update per step (the paper's recipe: ppo_epochs = num_minibatches = 1) the policy before the
+update is the one being differentiated, so its log-probs come from the update's own forward pass
+(``old_logp = stop_gradient(logp)``) instead of a separate scoring pass.
+
 The policy's parameters and optimizer state live sharded on the mesh by the model's logical rules
 (FSDP); the reference has the same shardings, or waits in host memory between uses. Every hot function
 is a ``jax.jit`` over (graphdef-closed) parameter pytrees, with the train state donated.
@@ -64,7 +68,7 @@ class UpdateBatch:
 
     prompts: ModelInputs  # the micro-batch's prompts with their pixels
     scored: ScoreBatch  # prompt + completion rows
-    old_logp: jax.Array  # (N, T)
+    old_logp: jax.Array | None  # (N, T); None: on-policy, the update's own log-probs
     ref_logp: jax.Array | None  # (N, T)
     advantages: jax.Array  # (N,)
     sample_mask: jax.Array  # (N,) rows kept by dynamic filtering
@@ -93,6 +97,7 @@ class GRPOTrainer(Learner):
             overlong_penalty=self.loss.overlong_penalty,
         )
         self.use_reference = self.loss_config.kl_coef > 0
+        self.on_policy = c.grpo.ppo_epochs == 1 and c.grpo.num_minibatches == 1
         self.ref_params = None
         if self.use_reference:
             copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p))
@@ -179,11 +184,11 @@ class GRPOTrainer(Learner):
             )
             mask = mb.scored.mask
             stats = {**stats, "entropy": jnp.sum(entropy) / jnp.maximum(jnp.sum(mask), 1.0)}
-            return loss, stats
+            return loss, (stats, logp)
 
         def grads(params, mb: UpdateBatch):
-            (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-            return g, stats
+            (_, (stats, logp)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            return g, stats, logp
 
         def apply(params, opt_state, g):
             norm = optax.global_norm(g)
@@ -245,9 +250,8 @@ class GRPOTrainer(Learner):
             batch.get("image_grid_thw"),
         )
         scored = score_batch(prompts, rollout)
-        old_logp, _ = self._logprobs(self.params, prompts, scored)
+        old_logp = None if self.on_policy else np.asarray(self._logprobs(self.params, prompts, scored)[0])
         ref_logp = self._logprobs(self._reference(), prompts, scored)[0] if self.use_reference else None
-        old_logp = np.asarray(old_logp)
         ref_logp = None if ref_logp is None else np.asarray(ref_logp)
         t_score = time.perf_counter()
 
@@ -255,13 +259,17 @@ class GRPOTrainer(Learner):
         n_micro = c.grpo.num_minibatches * c.grpo.grad_accum
         prompt_chunks = np.array_split(np.arange(self.batch_prompts), n_micro)
         stats_list, norms = [], []
+        # The policy's log-probs before the update; on-policy, filled from the update's forward pass.
+        old_logp_seen = np.zeros_like(rollout.logprobs) if old_logp is None else old_logp
         for _ in range(c.grpo.ppo_epochs):
             for m in range(c.grpo.num_minibatches):
                 acc = None
                 for a in range(c.grpo.grad_accum):
                     rows = prompt_chunks[m * c.grpo.grad_accum + a]
                     mb = self._micro_batch(batch, rollout, rows, old_logp, ref_logp, adv, keep, g)
-                    grads, stats = self._grads(self.params, mb)
+                    grads, stats, logp = self._grads(self.params, mb)
+                    if old_logp is None:
+                        old_logp_seen[self._sample_rows(rows, g)] = np.asarray(logp)
                     stats_list.append(stats)
                     acc = grads if acc is None else self._add(acc, grads)
                 if c.grpo.grad_accum > 1:
@@ -287,7 +295,7 @@ class GRPOTrainer(Learner):
             "clip_fraction": float(stats.get("clip_fraction", 0.0)),
             "entropy": float(stats["entropy"]),
             "grad_norm": float(np.mean(jax.device_get(norms))),
-            "sampler_logprob_diff": float(np.abs(old_logp - rollout.logprobs)[mask].mean())
+            "sampler_logprob_diff": float(np.abs(old_logp_seen - rollout.logprobs)[mask].mean())
             if generated
             else 0.0,
             "groups_kept": float(keep.reshape(-1, g).any(-1).mean()),
@@ -310,7 +318,7 @@ class GRPOTrainer(Learner):
             sub.get("pixel_values"),
             sub.get("image_grid_thw"),
         )
-        sample_rows = (rows[:, None] * g + np.arange(g)[None, :]).reshape(-1)
+        sample_rows = self._sample_rows(rows, g)
         sub_rollout = dataclasses.replace(
             rollout,
             tokens=rollout.tokens[sample_rows],
@@ -323,11 +331,15 @@ class GRPOTrainer(Learner):
         return UpdateBatch(
             prompts=prompts,
             scored=scored,
-            old_logp=old_logp[sample_rows],
+            old_logp=None if old_logp is None else old_logp[sample_rows],
             ref_logp=None if ref_logp is None else ref_logp[sample_rows],
             advantages=adv[sample_rows].astype(np.float32),
             sample_mask=keep[sample_rows],
         )
+
+    @staticmethod
+    def _sample_rows(prompt_rows: np.ndarray, g: int) -> np.ndarray:
+        return (prompt_rows[:, None] * g + np.arange(g)[None, :]).reshape(-1)
 
     # -- evaluation ------------------------------------------------------------------------------------
     def periodic_metrics(self) -> dict[str, float]:
