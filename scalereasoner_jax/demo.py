@@ -250,6 +250,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = print)
         "warmup_accuracy": warm["rows"]["images"]["accuracy"]["value"],
         "final_accuracy": rows["images"]["accuracy"]["value"],
         "no_image_accuracy": rows["no_images"]["accuracy"]["value"],
+        # Without its views a model may not answer at all: how often, and its accuracy had it guessed.
+        "no_image_format_rate": rows["no_images"]["format_rate"]["value"],
+        "no_image_unanswered_rate": rows["no_images"]["unanswered_rate"]["value"],
+        "no_image_accuracy_if_guessed": rows["no_images"]["accuracy_if_guessed"]["value"],
         "chance": final["chance"],
         "option_hub_accuracy": rows["option_hub"]["accuracy"]["value"],
         "ci95": {
@@ -290,7 +294,9 @@ def summary(r: dict[str, Any]) -> str:
             f"{r['seconds']['total_s'] / 60:.1f} min in all)",
             f"after the format-only warm-up      {pct('warmup_accuracy')}",
             f"after GRPO                         {pct('final_accuracy')}",
-            f"after GRPO, images removed         {pct('no_image_accuracy')}",
+            f"after GRPO, images removed         {pct('no_image_accuracy')}  (format "
+            f"{100 * r['no_image_format_rate']:.0f}%, unanswered {100 * r['no_image_unanswered_rate']:.0f}%;"
+            f" {100 * r['no_image_accuracy_if_guessed']:.1f}% had those been guessed at random)",
             f"option-hub text-only solver        {100 * r['option_hub_accuracy']:5.1f}%",
             f"curve: {r['curve']}",
         ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scalereasoner_jax.demo import DemoConfig, run_demo
 
 
@@ -30,6 +32,9 @@ def test_short_demo_runs_every_stage(tmp_path):
     for key in ("warmup_accuracy", "final_accuracy", "no_image_accuracy", "chance"):
         assert 0.0 <= saved[key] <= 1.0, key
     assert saved["chance"] == 0.25 and saved["eval_items"] == 4
+    # Had the no-image row's unanswered items been guessed: their expected 1/4 on top of what it got right.
+    guessed = saved["no_image_accuracy"] + saved["no_image_unanswered_rate"] * 0.25
+    assert saved["no_image_accuracy_if_guessed"] == pytest.approx(guessed)
     assert (out / "curve.png").stat().st_size > 10_000
     assert (out / "hf" / "model.safetensors.index.json").is_file() and (out / "hf" / "README.md").is_file()
     assert saved["export_parity"]["passed"] is True

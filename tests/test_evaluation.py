@@ -117,6 +117,7 @@ def test_metrics_on_known_completions():
     assert row["per_type"]["type_B"]["value"] == pytest.approx(1 / 3)
     assert row["format_rate"]["value"] == pytest.approx(2 / 6)
     assert row["unanswered_rate"]["value"] == pytest.approx(1 / 6)
+    assert row["accuracy_if_guessed"]["value"] == pytest.approx((4 + 1 / 4) / 6)
     assert row["extraction"] == {"letter_pattern": 1, "none": 1, "strict": 4}
     assert row["chance"] == pytest.approx(0.25)
     lo, hi = row["accuracy"]["ci95"]

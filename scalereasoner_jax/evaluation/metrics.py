@@ -22,11 +22,14 @@ def summarize(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     Each prediction holds ``correct`` (bool, or the expected hit rate of a solver that breaks ties at
     random), ``answered`` (bool: a letter was extracted or guessed),
     ``guessed`` (bool), ``formatted`` (bool: the reward's format term), ``question_type``, ``n_options``
-    and ``response_tokens`` (None for solvers that write nothing).
+    and ``response_tokens`` (None for solvers that write nothing). ``accuracy_if_guessed`` is the expected
+    accuracy had every unanswered item been given a random letter (``--random_fallback`` without its noise).
     """
     preds = list(predictions)
     n = len(preds)
     correct = sum(float(p["correct"]) for p in preds)
+    # What a random letter for every unanswered item would add, in expectation (no sampling noise).
+    guess_hits = sum(1.0 / p["n_options"] for p in preds if not p["answered"])
     by_type: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for p in preds:
         by_type[str(p["question_type"])].append(p)
@@ -37,6 +40,7 @@ def summarize(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "n": n,
         "accuracy": _rate(correct, n),
+        "accuracy_if_guessed": _rate(correct + guess_hits, n),
         "per_type": {
             t: _rate(sum(float(p["correct"]) for p in rows), len(rows)) for t, rows in sorted(by_type.items())
         },

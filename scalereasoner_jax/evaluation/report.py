@@ -18,10 +18,11 @@ def _pct(rate: dict[str, Any]) -> str:
 
 
 def to_markdown(results: dict[str, Any]) -> str:
-    """One row per condition: accuracy with its 95% interval, per-type accuracy, format, unanswered."""
+    """One row per condition: accuracy with its 95% interval, per-type accuracy, format, unanswered, and
+    the expected accuracy had the unanswered items been guessed at random."""
     rows = results["rows"]
     types = sorted({t for row in rows.values() for t in row["per_type"]})
-    head = ["row", "accuracy % [95% CI]", *types, "format %", "unanswered %", "mean tokens"]
+    head = ["row", "accuracy % [95% CI]", *types, "format %", "unanswered %", "if guessed %", "mean tokens"]
     lines = [
         f"Evaluation of `{results['model']}` on `{results['data']}` ({results['n']} items, backend "
         f"{results['backend']}, chance {100 * results['chance']:.1f}%"
@@ -39,6 +40,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             *[f"{100 * row['per_type'][t]['value']:.1f}" if t in row["per_type"] else "" for t in types],
             "" if text_only else f"{100 * row['format_rate']['value']:.1f}",
             "" if text_only else f"{100 * row['unanswered_rate']['value']:.1f}",
+            "" if text_only else f"{100 * row['accuracy_if_guessed']['value']:.1f}",
             "" if text_only else f"{row['mean_response_tokens']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
