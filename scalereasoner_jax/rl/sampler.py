@@ -6,10 +6,10 @@
 The B*G rows write their completions into their own cache, whose prefix is the prompt cache: the G
 samples of a prompt read its keys and values once per step instead of G copies of them. The prompt
 cache is donated to the prefill and the completions' cache lives in the loop, so both are updated in
-place. Prompt lengths come from the
-pipeline's length buckets and image features are padded to a row bucket, so one compilation serves
-every batch of a bucket. Log-probs are those of the sampled tokens under the temperature-scaled
-distribution (top-k / top-p only restrict what is sampled), which is what the trainer recomputes.
+place. Prompt lengths come from the pipeline's length buckets and image features are padded to a row
+bucket, so one compilation serves every batch of a bucket. Log-probs are those of the sampled tokens
+under the temperature-scaled distribution (top-k / top-p only restrict what is sampled), which is what
+the trainer recomputes.
 """
 
 from __future__ import annotations

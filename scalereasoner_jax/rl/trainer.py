@@ -258,9 +258,7 @@ class GRPOTrainer(Learner):
         g = rollout.group_size
         n_micro = c.grpo.num_minibatches * c.grpo.grad_accum
         prompt_chunks = np.array_split(np.arange(self.batch_prompts), n_micro)
-        stats_list, norms = [], []
-        # The policy's log-probs before the update; on-policy, filled from the update's forward pass.
-        old_logp_seen = np.zeros_like(rollout.logprobs) if old_logp is None else old_logp
+        stats_list, norms, update_logp = [], [], []
         for _ in range(c.grpo.ppo_epochs):
             for m in range(c.grpo.num_minibatches):
                 acc = None
@@ -268,8 +266,7 @@ class GRPOTrainer(Learner):
                     rows = prompt_chunks[m * c.grpo.grad_accum + a]
                     mb = self._micro_batch(batch, rollout, rows, old_logp, ref_logp, adv, keep, g)
                     grads, stats, logp = self._grads(self.params, mb)
-                    if old_logp is None:
-                        old_logp_seen[self._sample_rows(rows, g)] = np.asarray(logp)
+                    update_logp.append((rows, logp))
                     stats_list.append(stats)
                     acc = grads if acc is None else self._add(acc, grads)
                 if c.grpo.grad_accum > 1:
@@ -277,6 +274,10 @@ class GRPOTrainer(Learner):
                 self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, acc)
                 norms.append(norm)
         stats = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *stats_list))
+        if old_logp is None:  # on-policy: the update's one pass scored the policy before the update
+            old_logp = np.zeros_like(rollout.logprobs)
+            for rows, logp in jax.device_get(update_logp):
+                old_logp[self._sample_rows(rows, g)] = logp
         t_update = time.perf_counter()
         self.step += 1
 
@@ -295,7 +296,7 @@ class GRPOTrainer(Learner):
             "clip_fraction": float(stats.get("clip_fraction", 0.0)),
             "entropy": float(stats["entropy"]),
             "grad_norm": float(np.mean(jax.device_get(norms))),
-            "sampler_logprob_diff": float(np.abs(old_logp_seen - rollout.logprobs)[mask].mean())
+            "sampler_logprob_diff": float(np.abs(old_logp - rollout.logprobs)[mask].mean())
             if generated
             else 0.0,
             "groups_kept": float(keep.reshape(-1, g).any(-1).mean()),

@@ -100,9 +100,8 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
 def _weighted(probs: jax.Array, v: jax.Array) -> jax.Array:
     """probs (..., S, T) float32 times values (..., T, D), leading axes broadcast, in v's dtype."""
     if probs.shape[-2] == 1:
-        return jnp.sum(jnp.swapaxes(probs, -1, -2) * v.astype(jnp.float32), axis=-2, keepdims=True).astype(
-            v.dtype
-        )
+        out = jnp.sum(jnp.swapaxes(probs, -1, -2) * v.astype(jnp.float32), axis=-2, keepdims=True)
+        return out.astype(v.dtype)
     return jnp.matmul(probs.astype(v.dtype), v)
 
 
@@ -130,7 +129,8 @@ def cache_attention(
     if prefix is None:
         out = _weighted(jax.nn.softmax(scores, axis=-1), v)
     else:
-        pk, pv, pvalid = (prefix[0][:, None, :, None], prefix[1][:, None, :, None], prefix[2])
+        pk, pv, pvalid = prefix
+        pk, pv = pk[:, None, :, None], pv[:, None, :, None]  # (P_B, 1, K, 1, P, D)
         pb, p = pk.shape[0], pk.shape[-2]
         qg = qt.reshape(pb, b // pb, kv, g, s, d)  # (P_B, G, K, g, S, D) against (P_B, 1, K, 1, P, D)
         pscores = _scores(qg, pk) * (d**-0.5) + _bias(pvalid)[:, None, None, None, None, :]
