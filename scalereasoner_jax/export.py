@@ -82,7 +82,14 @@ from scalereasoner_jax.models.qwen2_5_vl.params import (
 )
 from scalereasoner_jax.models.qwen2_5_vl.parity import DEFAULT_PROMPT, THRESHOLDS, ParityReport, run_parity
 from scalereasoner_jax.parallel import make_mesh
-from scalereasoner_jax.train.checkpoint import COMMIT_MARKER, TMP_MARKER, checkpoint_path, fingerprints
+from scalereasoner_jax.train.checkpoint import (
+    COMMIT_MARKER,
+    TMP_MARKER,
+    checkpoint_path,
+    fingerprints,
+    spec_diff,
+    tree_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,21 +267,10 @@ def _kind(config: Mapping[str, Any], spec: Mapping[str, Any], where: str) -> tup
     raise ExportError(f"{where}: the saved state holds neither 'params' (GRPO) nor 'trainable' (SFT): {keys}")
 
 
-def _spec_of(tree: Any) -> dict[str, list[Any]]:
-    """Leaf path -> [shape, dtype], in the form the checkpoint's metadata records."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): [list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves}
-
-
 def _check_spec(saved: Mapping[str, Any], want: Mapping[str, Any], key: str, where: str, base: Path) -> None:
     saved = {p: v for p, v in saved.items() if p.startswith(f"['{key}']")}
-    only_saved = sorted(set(saved) - set(want))
-    only_want = sorted(set(want) - set(saved))
-    differ = [
-        f"{p}: checkpoint {saved[p]}, base {want[p]}"
-        for p in sorted(set(saved) & set(want))
-        if saved[p] != want[p]
-    ]
+    only_saved, only_want, differ = spec_diff(saved, want)
+    differ = [f"{p}: checkpoint {saved[p]}, base {want[p]}" for p in differ]
     if not (only_saved or only_want or differ):
         return
     parts = []
@@ -398,7 +394,7 @@ def _restore_full(
     target = {
         key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abs_params)
     }
-    _check_spec(spec, _spec_of(target), key, where, base)
+    _check_spec(spec, tree_spec(target), key, where, base)
     try:
         restored = _restore_tree(step_dir, target)
     except Exception as e:

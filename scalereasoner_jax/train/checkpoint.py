@@ -184,10 +184,21 @@ def _from_storable(restored: Any, abstract: Any) -> Any:
     )
 
 
-def _spec(tree: Any) -> dict[str, list[Any]]:
-    """Leaf path -> [shape, dtype] of a storable (or abstract storable) tree."""
+def tree_spec(tree: Any) -> dict[str, list[Any]]:
+    """Leaf path -> [shape, dtype] of a storable (or abstract storable) tree: the ``spec`` a checkpoint's
+    metadata records."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p): [list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves}
+
+
+def spec_diff(saved: Mapping[str, Any], want: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Leaf paths only in ``saved``, only in ``want``, and in both with another [shape, dtype]; sorted."""
+    common = sorted(set(saved) & set(want))
+    return (
+        sorted(set(saved) - set(want)),
+        sorted(set(want) - set(saved)),
+        [p for p in common if saved[p] != want[p]],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,7 +368,7 @@ class Checkpointer:
             "step": int(step),
             "saved_unix_time": time.time(),
             "process_count": jax.process_count(),
-            "spec": _spec(storable),
+            "spec": tree_spec(storable),
         }
         if self.verify:
             record["fingerprints"] = fingerprints(storable)
@@ -515,7 +526,7 @@ class Checkpointer:
             record = meta.pop(_RECORD)
         except Exception as e:
             raise _Unusable(f"unreadable meta: {_first_line(e)}") from e
-        saved_spec, want_spec = record.get("spec"), _spec(storable_abstract)
+        saved_spec, want_spec = record.get("spec"), tree_spec(storable_abstract)
         if saved_spec is not None and saved_spec != want_spec:
             raise CheckpointMismatchError(_describe_mismatch(step, saved_spec, want_spec))
         if record.get("step") != step:
@@ -528,13 +539,8 @@ class Checkpointer:
 
 
 def _describe_mismatch(step: int, saved: dict[str, Any], want: dict[str, Any]) -> str:
-    only_saved = sorted(set(saved) - set(want))
-    only_want = sorted(set(want) - set(saved))
-    differ = [
-        f"{p}: saved {saved[p]}, target {want[p]}"
-        for p in sorted(set(saved) & set(want))
-        if saved[p] != want[p]
-    ]
+    only_saved, only_want, differ = spec_diff(saved, want)
+    differ = [f"{p}: saved {saved[p]}, target {want[p]}" for p in differ]
     parts = []
     if only_saved:
         parts.append(f"only in the checkpoint: {only_saved[:5]}")
