@@ -78,6 +78,35 @@ def test_decode_steps_equal_full_forward(model):
             np.testing.assert_allclose(step_logits[j][b], ref[n + j], atol=2e-5, rtol=0)
 
 
+def test_prefill_of_long_prompts_and_of_the_last_position_only(model):
+    """Prompts longer than one causal query block; ``last_only`` gives the same last logits and cache."""
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    grids = [[1, 4, 4], [1, 8, 4]]
+    rows = [_prompt(cfg, grids[:1], [120, 30], rng), _prompt(cfg, grids[1:], [90, 70], rng)]
+    ids, mask = _left_pad(rows, pad=0)
+    assert ids.shape[1] > 128  # causal_attention's query block
+    inputs = prepare_inputs(cfg, ids, mask, _pixels(grids, rng), np.array(grids))
+    graphdef, state = nnx.split(model)
+    prefill = jax.jit(
+        lambda s, x, c, last_only: nnx.merge(graphdef, s).prefill(x, c, last_only=last_only),
+        static_argnums=3,
+    )
+    length = ids.shape[1] + 4
+    logits, cache = prefill(state, inputs, model.new_cache(2, length), False)
+    last, last_cache = prefill(state, inputs, model.new_cache(2, length), True)
+
+    ref = np.asarray(model.forward(inputs))
+    np.testing.assert_allclose(np.asarray(logits)[mask == 1], ref[mask == 1], atol=2e-5, rtol=0)
+    assert last.shape == (2, 1, cfg.text.vocab_size)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], np.asarray(logits)[:, -1], atol=2e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(last_cache), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    assert int(cache.index) == ids.shape[1]
+    np.testing.assert_array_equal(np.asarray(cache.valid)[:, : ids.shape[1]], mask == 1)
+    assert not np.asarray(cache.valid)[:, ids.shape[1] :].any()
+
+
 def test_padded_batch_equals_single_prompts(model):
     cfg = model.config
     rng = np.random.default_rng(1)
