@@ -82,8 +82,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
-def _bias(mask: jax.Array) -> jax.Array:
-    return jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+def _masked(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """``scores`` where ``mask`` allows attending, else the mask value: a select on the boolean mask
+    rather than an added float bias, which XLA would materialise at the size of the scores."""
+    return jnp.where(mask, scores, _MASK_VALUE)
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -138,7 +140,7 @@ def cache_attention(
     g = h // kv
     qt = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4)  # (B, K, g, S, D)
     k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, T, D): broadcast over the query heads
-    scores = _scores(qt, k) * (d**-0.5) + _bias(mask)[:, None, None]  # mask (B, S|1, T)
+    scores = _masked(_scores(qt, k) * (d**-0.5), mask[:, None, None])  # mask (B, S|1, T)
     if prefix is None:
         out = _weighted(jax.nn.softmax(scores, axis=-1), v)
     else:
@@ -146,7 +148,7 @@ def cache_attention(
         pk, pv, pvalid = prefix
         pb, p = pk.shape[0], pk.shape[2]
         pscores = jnp.matmul(_by_prompt(qt, pb), jnp.swapaxes(pk, -1, -2), preferred_element_type=jnp.float32)
-        pscores = _by_row(pscores * (d**-0.5) + _bias(pvalid)[:, None, None], (b, kv, g, s, p))
+        pscores = _by_row(_masked(pscores * (d**-0.5), pvalid[:, None, None]), (b, kv, g, s, p))
         probs = jax.nn.softmax(jnp.concatenate([pscores, scores], -1), axis=-1)
         from_prefix = jnp.matmul(_by_prompt(probs[..., :p], pb).astype(pv.dtype), pv)
         out = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(probs[..., p:], v)
