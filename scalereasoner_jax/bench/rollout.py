@@ -7,9 +7,9 @@ weights and compute. transformers expands every prompt and its images G times (s
 runs B*G times); ours prefills each prompt once and shares the cache.
 
 Each side is also timed with a single new token: its prompt part (vision tower, prefill, first token).
-After a warm-up call each, the timed runs alternate between all of these, and each figure is a median.
 The rest is decoding. Sharing makes the prompt part at most G times cheaper; decoding streams the
 weights once per step on both sides, so the total ratio stays below G unless decoding is also faster.
+After a warm-up call each, the timed runs alternate between all of these; each figure is a median.
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ CONFIGS = {
 }
 
 
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn) for _ in range(runs))
 
 
 def run(
@@ -146,20 +147,15 @@ def run(
     # Every contestant is warmed up (compiled) first; then the runs alternate between them, so that
     # the machine's slow and fast spells fall on all of them alike.
     contestants = {("transformers", max_new_tokens): hf_generate, ("transformers", 1): lambda: hf_generate(1)}
-    samplers, compile_s = {}, {}
+    samplers = {}
     for our_dtype in models:
         for count in (max_new_tokens, 1):
             contestants[(our_dtype, count)], samplers[(our_dtype, count)] = our_generator(our_dtype, count)
-    for name, fn in contestants.items():
-        t0 = time.perf_counter()
-        fn()
-        compile_s[name] = time.perf_counter() - t0
+    compile_s = {name: _seconds(fn) for name, fn in contestants.items()}
     times = {name: [] for name in contestants}
     for _ in range(runs):
         for name, fn in contestants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_seconds(fn))
     median = {name: statistics.median(t) for name, t in times.items()}
     hf_s, hf_prompt_s = median[("transformers", max_new_tokens)], median[("transformers", 1)]
     new_tokens = prompts * group_size * max_new_tokens
