@@ -5,11 +5,11 @@
 
 The B*G rows write their completions into their own cache, whose prefix is the prompt cache: the G
 samples of a prompt read its keys and values once per step instead of G copies of them. The prompt
-cache is donated to the prefill and the completions' cache lives in the loop, so both are updated in
-place. Prompt lengths come from the pipeline's length buckets and image features are padded to a row
-bucket, so one compilation serves every batch of a bucket. Log-probs are those of the sampled tokens
-under the temperature-scaled distribution (top-k / top-p only restrict what is sampled), which is what
-the trainer recomputes.
+cache is made inside the prefill and the completions' cache lives in the loop, so neither is copied
+or allocated outside the compiled code. Prompt lengths come from the pipeline's length buckets and
+image features are padded to a row bucket, so one compilation serves every batch of a bucket.
+Log-probs are those of the sampled tokens under the temperature-scaled distribution (top-k / top-p
+only restrict what is sampled), which is what the trainer recomputes.
 """
 
 from __future__ import annotations
@@ -111,10 +111,12 @@ def _pad_features(features: jax.Array, bucket: int) -> jax.Array:
 
 
 def _prefill(
-    graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None, cache: KVCache
+    graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None
 ) -> tuple[jax.Array, KVCache]:
-    """The B prompts into their (donated) cache; the logits of each prompt's last position."""
-    logits, cache = nnx.merge(graphdef, state).prefill(inputs, cache, image_features=features, last_only=True)
+    """The B prompts' cache, exactly their length, and the logits of each prompt's last position."""
+    model: Qwen25VL = nnx.merge(graphdef, state)
+    cache = KVCache.create(model.config.text, *inputs.input_ids.shape, model.dtype)
+    logits, cache = model.prefill(inputs, cache, image_features=features, last_only=True)
     return logits[:, -1], cache
 
 
@@ -180,9 +182,8 @@ class Sampler:
         self.config = config
         self.model_config = model.config
         self.graphdef, _ = nnx.split(model)
-        self.cache_dtype = model.dtype
         self._vision = jax.jit(self._vision_fn)
-        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef), donate_argnames=("cache",))
+        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
         self._decode = jax.jit(
             functools.partial(_decode_loop, self.graphdef, config=config),
             static_argnames=("group_size",),
@@ -209,9 +210,7 @@ class Sampler:
         )
         features = self.image_features(state, inputs)
         text_only = dataclasses.replace(inputs, pixel_values=None, vision=None)
-        b, length = inputs.input_ids.shape
-        cache = KVCache.create(self.model_config.text, b, length, self.cache_dtype)
-        last, cache = self._prefill(state, text_only, features, cache)
+        last, cache = self._prefill(state, text_only, features)
         # Each prompt's prefilled cache and last logits serve its G samples.
         tokens, logps, lengths, done = self._decode(
             state, cache, last, inputs.next_position, key, group_size=group_size

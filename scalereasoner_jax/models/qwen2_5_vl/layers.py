@@ -82,8 +82,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
-def _bias(mask: jax.Array) -> jax.Array:
-    return jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+def _masked(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """``scores`` where ``mask`` allows attending, else the mask value: a select on the boolean mask
+    rather than an added float bias, which XLA would materialise at the size of the scores."""
+    return jnp.where(mask, scores, _MASK_VALUE)
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -103,6 +105,19 @@ def _weighted(probs: jax.Array, v: jax.Array) -> jax.Array:
         out = jnp.sum(jnp.swapaxes(probs, -1, -2) * v.astype(jnp.float32), axis=-2, keepdims=True)
         return out.astype(v.dtype)
     return jnp.matmul(probs.astype(v.dtype), v)
+
+
+def _by_prompt(x: jax.Array, prompts: int) -> jax.Array:
+    """(B, K, g, S, N) -> (P_B, K, G*g*S, N): the G rows of a prompt as the rows of one matmul."""
+    b, k, g, s, n = x.shape
+    return x.reshape(prompts, b // prompts, k, g, s, n).transpose(0, 2, 1, 3, 4, 5).reshape(prompts, k, -1, n)
+
+
+def _by_row(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """(P_B, K, G*g*S, N) -> ``shape`` (B, K, g, S, N): the inverse of ``_by_prompt``."""
+    b, k, g, s, n = shape
+    pb = x.shape[0]
+    return x.reshape(pb, k, b // pb, g, s, n).transpose(0, 2, 1, 3, 4, 5).reshape(shape)
 
 
 def cache_attention(
@@ -125,18 +140,18 @@ def cache_attention(
     g = h // kv
     qt = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4)  # (B, K, g, S, D)
     k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, T, D): broadcast over the query heads
-    scores = _scores(qt, k) * (d**-0.5) + _bias(mask)[:, None, None]  # mask (B, S|1, T)
+    scores = _masked(_scores(qt, k) * (d**-0.5), mask[:, None, None])  # mask (B, S|1, T)
     if prefix is None:
         out = _weighted(jax.nn.softmax(scores, axis=-1), v)
     else:
+        # One matmul per (prompt, KV head) over the G*g*S queries that share the prompt's keys.
         pk, pv, pvalid = prefix
-        pk, pv = pk[:, None, :, None], pv[:, None, :, None]  # (P_B, 1, K, 1, P, D)
-        pb, p = pk.shape[0], pk.shape[-2]
-        qg = qt.reshape(pb, b // pb, kv, g, s, d)  # (P_B, G, K, g, S, D) against (P_B, 1, K, 1, P, D)
-        pscores = _scores(qg, pk) * (d**-0.5) + _bias(pvalid)[:, None, None, None, None, :]
-        probs = jax.nn.softmax(jnp.concatenate([pscores.reshape(b, kv, g, s, p), scores], -1), axis=-1)
-        from_prefix = _weighted(probs[..., :p].reshape((*qg.shape[:-1], p)), pv)
-        out = from_prefix.reshape(b, kv, g, s, d) + _weighted(probs[..., p:], v)
+        pb, p = pk.shape[0], pk.shape[2]
+        pscores = jnp.matmul(_by_prompt(qt, pb), jnp.swapaxes(pk, -1, -2), preferred_element_type=jnp.float32)
+        pscores = _by_row(_masked(pscores * (d**-0.5), pvalid[:, None, None]), (b, kv, g, s, p))
+        probs = jax.nn.softmax(jnp.concatenate([pscores, scores], -1), axis=-1)
+        from_prefix = jnp.matmul(_by_prompt(probs[..., :p], pb).astype(pv.dtype), pv)
+        out = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(probs[..., p:], v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 

@@ -232,14 +232,17 @@ class Qwen25VL(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Write the (left-padded) prompts into an empty cache; returns logits (B, S, V) and the cache.
 
-        ``last_only`` projects only the last position (B, 1, V): all that sampling needs, and with a
-        150k vocabulary the full projection would cost more than the rest of the prefill.
+        ``last_only`` returns only the last position's logits (B, 1, V), all that sampling needs: the
+        last layer then skips the other positions' queries and MLP, and with a 150k vocabulary the full
+        projection alone would cost more than the rest of the prefill.
         """
         if image_features is None:
             image_features = self.image_features(inputs)
         embeds = self.embed(inputs.input_ids, image_features)
-        hidden, cache = self.language_model(embeds, inputs.position_ids, inputs.attention_mask, cache)
-        return self.logits(hidden[:, -1:] if last_only else hidden), cache
+        hidden, cache = self.language_model(
+            embeds, inputs.position_ids, inputs.attention_mask, cache, fill=True, last_only=last_only
+        )
+        return self.logits(hidden), cache
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One step: ``tokens`` (B,) at mRoPE text positions (B,) -> logits (B, V) and the cache."""

@@ -14,6 +14,7 @@ from scalereasoner_jax.models.qwen2_5_vl.layers import (
     Linear,
     RMSNorm,
     SwiGLU,
+    attention,
     cache_attention,
     causal_attention,
     param,
@@ -75,7 +76,8 @@ def mrope(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.
     pos = positions[mrope_axis_of_dim(cfg)].astype(jnp.float32)  # (D/2, B, S)
     freqs = jnp.moveaxis(pos, 0, -1) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    # Materialised once: otherwise XLA fuses the cos / sin into every layer's consumers and recomputes them.
+    return jax.lax.optimization_barrier((jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)))
 
 
 def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -100,17 +102,36 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array] | None, index, prefix=None):
+    def __call__(
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        kv: tuple[jax.Array, jax.Array] | None,
+        index,
+        prefix=None,
+        *,
+        fill=False,
+        last_only=False,
+    ):
+        """Without ``kv``, or with ``fill`` (an empty cache to fill from slot 0), attention is causal over
+        the chunk itself; otherwise the chunk goes into ``kv`` at ``index`` and attends to the cache.
+        ``last_only`` computes only the last position's output (keys and values still cover the chunk)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        q = constrain(q, ("batch", "length", "act_heads", None))
-        if kv is None:
-            return self.o_proj(causal_attention(q, k, v, mask).reshape(b, s, -1)), (k, v)
+        if last_only:
+            x, cos, sin, mask = x[:, -1:], cos[:, -1:], sin[:, -1:], mask[:, -1:]
+        q = self.q_proj(x).reshape(b, x.shape[1], self.num_heads, self.head_dim)
+        q = constrain(q * cos + rotate_half(q) * sin, ("batch", "length", "act_heads", None))
+        if kv is None or fill:
+            out = (attention if last_only else causal_attention)(q, k, v, mask)
+            if fill:
+                k, v = _write(kv[0], k, index), _write(kv[1], v, index)
+            return self.o_proj(out.reshape(b, q.shape[1], -1)), (k, v)
         k, v = _write(kv[0], k, index), _write(kv[1], v, index)
         if prefix is not None:
             prefix = (prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2])
@@ -126,9 +147,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv, index, prefix=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, prefix)
-        x = x + h
+    def __call__(self, x, cos, sin, mask, kv, index, prefix=None, *, fill=False, last_only=False):
+        h, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, kv, index, prefix, fill=fill, last_only=last_only
+        )
+        x = (x[:, -1:] if last_only else x) + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed")), kv
 
@@ -140,13 +163,13 @@ REMAT_POLICIES = {
 }
 
 
-def _checkpointed(layer: DecoderLayer, policy, *args):
+def _checkpointed(layer: DecoderLayer, policy, *args, **flags):
     """``jax.checkpoint`` over a pure function of the layer's state: the backward pass recomputes what
     ``policy`` does not save. (Works under any outer transform, unlike binding the module itself.)"""
     graphdef, state = nnx.split(layer)
 
     def run(state, *args):
-        return nnx.merge(graphdef, state)(*args)
+        return nnx.merge(graphdef, state)(*args, **flags)
 
     return jax.checkpoint(run, policy=policy)(state, *args)
 
@@ -180,41 +203,51 @@ class TextModel(nnx.Module):
         positions: jax.Array,
         token_mask: jax.Array,
         cache: KVCache | None = None,
+        *,
+        fill: bool = False,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the decoder over ``embeds`` (B, S, D) at mRoPE ``positions`` (3, B, S).
 
         ``token_mask`` (B, S) marks real tokens (0 = padding). Without a cache, attention is causal over
         this chunk. With one, the chunk is written at ``cache.index`` and attends to every valid slot
-        before it (and to the cache's shared prefix, if it has one): a prefill when S > 1, one decode
-        step when S = 1.
+        before it (and to the cache's shared prefix, if it has one): one decode step when S = 1.
+        ``fill`` declares the cache empty (a prefill): the chunk goes in from slot 0 and attention stays
+        causal over the chunk alone, in query blocks, instead of over the whole cache. ``last_only``
+        returns only the last position's hidden state (B, 1, D); the last layer then computes queries,
+        attention output and MLP for that position alone.
         """
+        if fill and (cache is None or cache.prefix is not None):
+            raise ValueError("fill needs an empty cache without a prefix")
         s = embeds.shape[1]
         x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         cos, sin = mrope(positions, self.cfg, self.dtype)
         token_mask = token_mask.astype(bool)
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
+        index = jnp.zeros((), jnp.int32) if cache is None or fill else cache.index
+        q_pos = index + jnp.arange(s)
+        if cache is None or fill:
             key_valid = token_mask
         else:
-            index = cache.index
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, index, axis=1)
-        q_pos = index + jnp.arange(s)
         k_pos = jnp.arange(key_valid.shape[1])
-        mask = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # (B, S, T)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # (B, S, S or T)
 
         shared = None if cache is None else cache.prefix
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             prefix = None if shared is None else (shared.k[i], shared.v[i], shared.valid)
+            flags = dict(fill=fill, last_only=last_only and i == len(self.layers) - 1)
             if self.remat == "none":
-                x, (k, v) = layer(x, cos, sin, mask, kv, index, prefix)
+                x, (k, v) = layer(x, cos, sin, mask, kv, index, prefix, **flags)
             else:
                 policy = REMAT_POLICIES[self.remat]
-                x, (k, v) = _checkpointed(layer, policy, x, cos, sin, mask, kv, index, prefix)
+                x, (k, v) = _checkpointed(layer, policy, x, cos, sin, mask, kv, index, prefix, **flags)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x)
         if cache is None:
             return x, None
+        if fill:
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, 0, axis=1)
         return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=index + s, prefix=shared)

@@ -99,7 +99,8 @@ def _rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Arra
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (N, 2, D/4)
     freqs = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)  # (N, D/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    # Materialised once: otherwise XLA fuses the cos / sin into every block's consumers and recomputes them.
+    return jax.lax.optimization_barrier((jnp.cos(emb), jnp.sin(emb)))
 
 
 def _rotate(t: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
