@@ -69,8 +69,11 @@ class SwiGLU(nnx.Module):
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
+    """``(-x2, x1)`` for the halves ``x1, x2`` of the last axis: the halves reversed, then one negated.
+    (XLA fuses a reverse into its consumers; a concatenate ran as a kernel of its own on CPU.)"""
+    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    sign = jnp.array([[-1], [1]], x.dtype)
+    return (jnp.flip(halves, axis=-2) * sign).reshape(x.shape)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -149,9 +152,14 @@ def cache_attention(
         pb, p = pk.shape[0], pk.shape[2]
         pscores = jnp.matmul(_by_prompt(qt, pb), jnp.swapaxes(pk, -1, -2), preferred_element_type=jnp.float32)
         pscores = _by_row(_masked(pscores * (d**-0.5), pvalid[:, None, None]), (b, kv, g, s, p))
-        probs = jax.nn.softmax(jnp.concatenate([pscores, scores], -1), axis=-1)
-        from_prefix = jnp.matmul(_by_prompt(probs[..., :p], pb).astype(pv.dtype), pv)
-        out = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(probs[..., p:], v)
+        # One softmax over both parts without concatenating them: normalised after the weighted sums.
+        top = jnp.maximum(jnp.max(pscores, -1, keepdims=True), jnp.max(scores, -1, keepdims=True))
+        pexp, exp = jnp.exp(pscores - top), jnp.exp(scores - top)
+        total = jnp.sum(pexp, -1, keepdims=True) + jnp.sum(exp, -1, keepdims=True)
+        by_prompt = _by_prompt(pexp, pb).astype(pv.dtype)
+        from_prefix = jnp.matmul(by_prompt, pv, preferred_element_type=jnp.float32)
+        weighted = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(exp, v.astype(jnp.float32))
+        out = (weighted / total).astype(v.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
