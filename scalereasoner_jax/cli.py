@@ -356,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval_limit", "--eval-limit", dest="eval_limit", type=int, default=None)
     m.add_argument("--image_size", "--image-size", dest="image_size", type=int, default=None)
     m.add_argument("--grpo_lr", "--grpo-lr", dest="grpo_lr", type=float, default=None)
+    m.add_argument(
+        "--grpo_schedule",
+        "--grpo-schedule",
+        dest="grpo_schedule",
+        choices=["cosine", "constant"],
+        default=None,
+    )
     m.add_argument("--kl_coef", "--kl-coef", dest="kl_coef", type=float, default=None)
     m.add_argument("--seed", type=int, default=None)
     m.set_defaults(func=_demo)
