@@ -158,7 +158,8 @@ def cache_attention(
         total = jnp.sum(pexp, -1, keepdims=True) + jnp.sum(exp, -1, keepdims=True)
         by_prompt = _by_prompt(pexp, pb).astype(pv.dtype)
         from_prefix = jnp.matmul(by_prompt, pv, preferred_element_type=jnp.float32)
-        weighted = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(exp, v.astype(jnp.float32))
+        # The own part in v's dtype like the prefix part (bf16 matmuls when scoring long completions).
+        weighted = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(exp, v).astype(jnp.float32)
         out = (weighted / total).astype(v.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
