@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+
+from scalereasoner_jax.config import Schedule
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -360,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpo_schedule",
         "--grpo-schedule",
         dest="grpo_schedule",
-        choices=["cosine", "constant"],
+        choices=typing.get_args(Schedule),
         default=None,
     )
     m.add_argument("--kl_coef", "--kl-coef", dest="kl_coef", type=float, default=None)
