@@ -147,17 +147,19 @@ def cache_attention(
     if prefix is None:
         out = _weighted(jax.nn.softmax(scores, axis=-1), v)
     else:
-        # One matmul per (prompt, KV head) over the G*g*S queries that share the prompt's keys.
+        # One matmul per (prompt, KV head) over the G*g*S queries that share the prompt's keys. The
+        # prefix part stays in that layout; only per-row reductions move to the rows' layout.
         pk, pv, pvalid = prefix
-        pb, p = pk.shape[0], pk.shape[2]
+        pb = pk.shape[0]
         pscores = jnp.matmul(_by_prompt(qt, pb), jnp.swapaxes(pk, -1, -2), preferred_element_type=jnp.float32)
-        pscores = _by_row(_masked(pscores * (d**-0.5), pvalid[:, None, None]), (b, kv, g, s, p))
+        pscores = _masked(pscores * (d**-0.5), pvalid[:, None, None])
+        rows = (b, kv, g, s, 1)
         # One softmax over both parts without concatenating them: normalised after the weighted sums.
-        top = jnp.maximum(jnp.max(pscores, -1, keepdims=True), jnp.max(scores, -1, keepdims=True))
-        pexp, exp = jnp.exp(pscores - top), jnp.exp(scores - top)
-        total = jnp.sum(pexp, -1, keepdims=True) + jnp.sum(exp, -1, keepdims=True)
-        by_prompt = _by_prompt(pexp, pb).astype(pv.dtype)
-        from_prefix = jnp.matmul(by_prompt, pv, preferred_element_type=jnp.float32)
+        pmax = _by_row(jnp.max(pscores, -1, keepdims=True), rows)
+        top = jnp.maximum(pmax, jnp.max(scores, -1, keepdims=True))
+        pexp, exp = jnp.exp(pscores - _by_prompt(top, pb)), jnp.exp(scores - top)
+        total = _by_row(jnp.sum(pexp, -1, keepdims=True), rows) + jnp.sum(exp, -1, keepdims=True)
+        from_prefix = jnp.matmul(pexp.astype(pv.dtype), pv, preferred_element_type=jnp.float32)
         # The own part in v's dtype like the prefix part (bf16 matmuls when scoring long completions).
         weighted = _by_row(from_prefix, (b, kv, g, s, d)) + _weighted(exp, v).astype(jnp.float32)
         out = (weighted / total).astype(v.dtype)
