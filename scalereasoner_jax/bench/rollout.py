@@ -78,7 +78,7 @@ def run(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from scalereasoner_jax.models.qwen2_5_vl import from_pretrained
-    from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
+    from scalereasoner_jax.models.qwen2_5_vl.model import batch_inputs
     from scalereasoner_jax.models.qwen2_5_vl.tiny import make_tiny_hf_model
     from scalereasoner_jax.rl.sampler import Sampler, SamplingConfig
 
@@ -179,13 +179,7 @@ def run(
         our_s, prompt_s = median[(our_dtype, max_new_tokens)], median[(our_dtype, 1)]
         # Vision encoder: once per prompt (ours) versus once per sample (transformers' expanded inputs).
         model, sampler = models[our_dtype], samplers[(our_dtype, 1)]
-        prepared = prepare_inputs(
-            model.config,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            batch["image_grid_thw"],
-        )
+        prepared = batch_inputs(model.config, batch)
         vision_once = _median_time(
             lambda: jax.block_until_ready(sampler.image_features(states[our_dtype], prepared)), runs
         )

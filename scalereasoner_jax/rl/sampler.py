@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, Qwen25VL, prepare_inputs
+from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, Qwen25VL, batch_inputs
 from scalereasoner_jax.models.qwen2_5_vl.text import KVCache
 
 
@@ -201,13 +201,7 @@ class Sampler:
     def generate(
         self, state: nnx.State, batch: Mapping[str, Any], group_size: int, key: jax.Array
     ) -> Rollout:
-        inputs = prepare_inputs(
-            self.model_config,
-            batch["input_ids"],
-            batch.get("attention_mask"),
-            batch.get("pixel_values"),
-            batch.get("image_grid_thw"),
-        )
+        inputs = batch_inputs(self.model_config, batch)
         features = self.image_features(state, inputs)
         text_only = dataclasses.replace(inputs, pixel_values=None, vision=None)
         last, cache = self._prefill(state, text_only, features)

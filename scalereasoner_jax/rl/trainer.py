@@ -32,7 +32,7 @@ from flax import nnx
 
 from scalereasoner_jax.config import GRPOConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
-from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, prepare_inputs
+from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, batch_inputs
 from scalereasoner_jax.parallel import replicated
 from scalereasoner_jax.rl import grpo, rewards
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig, stop_token_sequences
@@ -242,13 +242,7 @@ class GRPOTrainer(Learner):
             jnp.asarray(reward), rollout.group_size, self.loss_config, lengths=jnp.asarray(rollout.lengths)
         )
         adv, keep = np.asarray(adv), np.asarray(keep)
-        prompts = prepare_inputs(
-            self.model_config,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            batch.get("image_grid_thw"),
-        )
+        prompts = batch_inputs(self.model_config, batch)
         scored = score_batch(prompts, rollout)
         old_logp = None if self.on_policy else np.asarray(self._logprobs(self.params, prompts, scored)[0])
         ref_logp = self._logprobs(self._reference(), prompts, scored)[0] if self.use_reference else None
@@ -312,13 +306,7 @@ class GRPOTrainer(Learner):
 
     def _micro_batch(self, batch, rollout: Rollout, rows, old_logp, ref_logp, adv, keep, g) -> UpdateBatch:
         sub = slice_prompts(batch, rows)
-        prompts = prepare_inputs(
-            self.model_config,
-            sub["input_ids"],
-            sub["attention_mask"],
-            sub.get("pixel_values"),
-            sub.get("image_grid_thw"),
-        )
+        prompts = batch_inputs(self.model_config, sub)
         sample_rows = self._sample_rows(rows, g)
         sub_rollout = dataclasses.replace(
             rollout,

@@ -27,7 +27,7 @@ from flax import nnx
 from scalereasoner_jax.config import SFTConfig, to_dict
 from scalereasoner_jax.data.pipeline import PipelineConfig, make_dataset
 from scalereasoner_jax.models.qwen2_5_vl import save_pretrained
-from scalereasoner_jax.models.qwen2_5_vl.model import prepare_inputs
+from scalereasoner_jax.models.qwen2_5_vl.model import batch_inputs
 from scalereasoner_jax.parallel import replicated
 from scalereasoner_jax.rl.sampler import Rollout, Sampler, SamplingConfig
 from scalereasoner_jax.rl.scoring import completion_logprobs, score_batch
@@ -172,13 +172,7 @@ class SFTTrainer(Learner):
         t0 = time.perf_counter()
         batch = next(self.data_iter)
         target = self._targets(batch)
-        prompts = prepare_inputs(
-            self.model_config,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            batch.get("image_grid_thw"),
-        )
+        prompts = batch_inputs(self.model_config, batch)
         scored = score_batch(prompts, target)
         base = self.base if self.config.sft.lora_rank else None  # full fine-tuning: trainable is the base
         self.trainable, self.opt_state, loss, norm = self._step(

@@ -6,6 +6,7 @@ from scalereasoner_jax.models.qwen2_5_vl.model import (
     InputError,
     ModelInputs,
     Qwen25VL,
+    batch_inputs,
     get_rope_index,
     prepare_inputs,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "WeightsError",
+    "batch_inputs",
     "from_pretrained",
     "get_rope_index",
     "prepare_inputs",

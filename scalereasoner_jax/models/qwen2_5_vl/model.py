@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -96,6 +97,17 @@ def get_rope_index(
     if next(grids, None) is not None:
         raise InputError("image_grid_thw has more images than the prompts have image spans")
     return positions, next_position
+
+
+def batch_inputs(cfg: Qwen25VLConfig, batch: Mapping[str, Any]) -> ModelInputs:
+    """``prepare_inputs`` from a pipeline batch or a HF processor's output (its keys, images optional)."""
+    return prepare_inputs(
+        cfg,
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        batch.get("pixel_values"),
+        batch.get("image_grid_thw"),
+    )
 
 
 def prepare_inputs(
