@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,7 +123,22 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def eval_export_dir(checkpoint: str, out: Path | None, stack: contextlib.ExitStack) -> Path:
+    """Where ``eval --checkpoint`` writes its export: in ``--out``, else beside a local checkpoint, else
+    (a bucket, which the export does not write to) in a temporary folder that ``stack`` removes."""
+    if out is not None:
+        return out / "export"
+    if "://" in checkpoint:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scalereasoner-eval-"))) / "export"
+    return Path(checkpoint) / "export"
+
+
 def _eval(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _eval_in(args, stack)
+
+
+def _eval_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from scalereasoner_jax.evaluation.report import to_markdown
     from scalereasoner_jax.evaluation.runner import EvalConfig, EvalError, run_eval
 
@@ -130,7 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.checkpoint:  # export first (parity-gated), then evaluate the exported folder
         from scalereasoner_jax.export import export_checkpoint
 
-        export_dir = (out or Path(args.checkpoint)) / "export"
+        export_dir = eval_export_dir(args.checkpoint, out, stack)
         report = export_checkpoint(args.checkpoint, base=args.base, out=export_dir, step=args.step)
         if not report.passed:
             print(f"error: the export of {args.checkpoint} failed its parity check", file=sys.stderr)
@@ -326,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="greedy evaluation on DATASET:SPLIT, with ablation and baseline rows")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face folder")
-    src.add_argument("--checkpoint", help="a training workdir or its checkpoints dir (exported first)")
+    src.add_argument(
+        "--checkpoint",
+        help="a training workdir or its checkpoints dir, local or gs:// (exported first, into --out/export, "
+        "else beside a local checkpoint, else into a temporary folder)",
+    )
     e.add_argument("--step", type=int, default=None, help="--checkpoint: this step (default: the latest)")
     e.add_argument("--base", default=None, help="--checkpoint: the HF folder training started from")
     e.add_argument("--data", required=True, help="DATASET:SPLIT, DATASET a TFDS name or a built version dir")

@@ -42,3 +42,16 @@ def test_parity_command_exits_nonzero_when_models_disagree(tiny_hf_dir, monkeypa
     monkeypatch.setattr(params, "from_pretrained", perturbed)
     assert main(["parity", "--hf-model", str(tiny_hf_dir)]) == 1
     assert "parity FAIL" in capsys.readouterr().out
+
+
+def test_eval_export_dir_never_writes_beside_a_bucket(tmp_path):
+    import contextlib
+
+    from scalereasoner_jax.cli import eval_export_dir
+
+    with contextlib.ExitStack() as stack:
+        assert eval_export_dir("gs://bucket/run", tmp_path / "out", stack) == tmp_path / "out" / "export"
+        assert eval_export_dir(str(tmp_path / "run"), None, stack) == tmp_path / "run" / "export"
+        remote = eval_export_dir("gs://bucket/run", None, stack)
+        assert "gs:" not in str(remote) and remote.parent.is_dir()  # a local temporary folder
+    assert not remote.parent.exists()  # removed with the evaluation
