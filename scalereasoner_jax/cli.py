@@ -224,10 +224,14 @@ def _bench(args: argparse.Namespace) -> int:
         from scalereasoner_jax.bench.rollout import format_result as format_rollout
         from scalereasoner_jax.bench.rollout import run as run_rollout
 
+        # Flags left unset keep each benchmark's own default (the views' side: rollout 224 px, forward 448).
+        side = {} if args.image_side is None else {"image_side": args.image_side}
         results = []
         for size in args.configs:
             results.append(
-                run_rollout(config=size, runs=args.runs, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+                run_rollout(
+                    config=size, runs=args.runs, max_new_tokens=args.max_new_tokens, dtype=args.dtype, **side
+                )
             )
             print(format_rollout(results[-1]))
         if args.out:
@@ -236,13 +240,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "forward":
         from scalereasoner_jax.bench.forward import format_result, run
 
+        side = {} if args.image_side is None else {"image_side": args.image_side}
         result = run(
             runs=args.runs,
             n_images=args.images,
-            image_side=args.image_side,
             text_tokens=args.text_tokens,
             threads=args.threads,
             out_json=args.out,
+            **side,
         )
         print(format_result(result))
         return 0
@@ -402,10 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--examples", type=int, default=240, help="data: examples in the synthetic set")
     b.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
     b.add_argument("--runs", type=int, default=5)
-    b.add_argument("--images", type=int, default=3)
-    b.add_argument("--image-side", "--image_side", dest="image_side", type=int, default=448)
-    b.add_argument("--text-tokens", "--text_tokens", dest="text_tokens", type=int, default=512)
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    b.add_argument("--images", type=int, default=3, help="forward: images per input")
+    b.add_argument(
+        "--image-side",
+        "--image_side",
+        dest="image_side",
+        type=int,
+        default=None,
+        help="forward and rollout: the images' side in px (default: forward 448, rollout 224)",
+    )
+    b.add_argument(
+        "--text-tokens",
+        "--text_tokens",
+        dest="text_tokens",
+        type=int,
+        default=512,
+        help="forward: text tokens",
+    )
+    b.add_argument("--threads", type=int, default=None, help="forward: torch threads (default: torch's own)")
     b.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="rollout: weights and compute"
     )
