@@ -208,6 +208,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # Left unset, the images' side stays each benchmark's own default (rollout 224 px, forward 448 px).
+    side = {} if args.image_side is None else {"image_side": args.image_side}
     if args.what == "data":
         from scalereasoner_jax.bench.data import format_result as format_data
         from scalereasoner_jax.bench.data import run as run_data
@@ -224,8 +226,6 @@ def _bench(args: argparse.Namespace) -> int:
         from scalereasoner_jax.bench.rollout import format_result as format_rollout
         from scalereasoner_jax.bench.rollout import run as run_rollout
 
-        # Flags left unset keep each benchmark's own default (the views' side: rollout 224 px, forward 448).
-        side = {} if args.image_side is None else {"image_side": args.image_side}
         results = []
         for size in args.configs:
             results.append(
@@ -240,7 +240,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "forward":
         from scalereasoner_jax.bench.forward import format_result, run
 
-        side = {} if args.image_side is None else {"image_side": args.image_side}
         result = run(
             runs=args.runs,
             n_images=args.images,
