@@ -18,7 +18,10 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scalereasoner_jax.config import Schedule
 
 DEFAULT_OUT = "runs/demo"
 
@@ -40,7 +43,7 @@ class DemoConfig:
     grpo_lr: float = 3e-3
     # Decayed to 0 over the run (cosine): at a constant 3e-3 a policy that had learned the task by step 75
     # drifted back to chance by step 400 (24.5% held-out); with the decay seeds 0-2 end at 35-52%.
-    grpo_schedule: str = "cosine"
+    grpo_schedule: Schedule = "cosine"
     kl_coef: float = 0.01
     top_p: float = 1.0  # all four letters must stay reachable: top-p < 1 stops exploring the unlikely ones
     group_size: int = 16
