@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from flax import nnx
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from scalereasoner_jax.kernels import packed_matmul
 from scalereasoner_jax.models.qwen2_5_vl import from_pretrained, prepare_inputs
 from scalereasoner_jax.models.qwen2_5_vl.vision import VisionTower
 from scalereasoner_jax.rl.sampler import Sampler, SamplingConfig, stop_token_sequences
@@ -133,3 +136,30 @@ def test_stop_strings_end_a_completion(setup):
     out = stopped.generate(nnx.state(model), batch, group_size=1, key=jax.random.key(0))
     assert out.lengths[0] == 3 and not out.truncated[0]
     assert (out.tokens[0, 3:] == tok.pad_token_id).all()
+
+
+def test_cpu_kernel_decoding_matches_xla_dot(setup):
+    processor, inputs, model = setup
+    batch = {k: v.numpy() for k, v in inputs.items()}
+    state = nnx.state(model)
+    config = _config(processor, max_new_tokens=8, temperature=0.9)
+    packed = Sampler(model, config)
+    plain = Sampler(model, dataclasses.replace(config, cpu_kernel=False))
+    assert packed.uses_cpu_kernel(state) == packed_matmul.available() and not plain.uses_cpu_kernel(state)
+    a = packed.generate(state, batch, group_size=3, key=jax.random.key(5))
+    b = plain.generate(state, batch, group_size=3, key=jax.random.key(5))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # The second call packs into the first call's panels: same draws, bit for bit.
+    again = packed.generate(state, batch, group_size=3, key=jax.random.key(5))
+    np.testing.assert_array_equal(again.tokens, a.tokens)
+    np.testing.assert_array_equal(again.logprobs, a.logprobs)
+
+
+def test_a_model_on_several_devices_keeps_xla_dot(setup):
+    processor, _, model = setup
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    state = jax.device_put(nnx.state(model), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    assert jax.device_count() > 1 and not Sampler(
+        model, _config(processor, max_new_tokens=2)
+    ).uses_cpu_kernel(state)

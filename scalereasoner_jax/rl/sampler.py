@@ -8,8 +8,10 @@ samples of a prompt read its keys and values once per step instead of G copies o
 cache is made inside the prefill and the completions' cache lives in the loop, so neither is copied
 or allocated outside the compiled code. Prompt lengths come from the pipeline's length buckets and
 image features are padded to a row bucket, so one compilation serves every batch of a bucket.
-Log-probs are those of the sampled tokens under the temperature-scaled distribution (top-k / top-p
-only restrict what is sampled), which is what the trainer recomputes.
+On one CPU device, the decode loop's float32 projections run on a packed-panel kernel
+(``kernels/packed_matmul``): their weights are packed once per call, and each step then streams them
+at memory speed. Log-probs are those of the sampled tokens under the temperature-scaled distribution
+(top-k / top-p only restrict what is sampled), which is what the trainer recomputes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scalereasoner_jax.kernels import packed_matmul
+from scalereasoner_jax.models.qwen2_5_vl.layers import Linear
 from scalereasoner_jax.models.qwen2_5_vl.model import ModelInputs, Qwen25VL, batch_inputs
 from scalereasoner_jax.models.qwen2_5_vl.text import KVCache
 
@@ -40,6 +44,8 @@ class SamplingConfig:
     # Token sequences that end a completion (tokenised stop strings), matched on the generated suffix.
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     feature_bucket: int = 256  # image-feature rows are padded to a multiple of this
+    # Decode with the packed-panel CPU matmul (kernels/packed_matmul) when the model is on one CPU device.
+    cpu_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -110,6 +116,34 @@ def _pad_features(features: jax.Array, bucket: int) -> jax.Array:
     return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
 
 
+def _projections(model: Qwen25VL) -> dict[str, Linear]:
+    """The language model's projections that the CPU kernel takes (float32, width a multiple of the
+    panel), by path."""
+    found = {}
+    for name, part in (("language_model", model.language_model), ("lm_head", model.lm_head)):
+        for path, m in nnx.iter_modules(part) if part is not None else ():
+            if (
+                isinstance(m, Linear)
+                and jnp.dtype(m.dtype) == jnp.float32
+                and packed_matmul.packable(m.kernel[...])
+            ):
+                found["/".join(map(str, (name, *path)))] = m
+    return found
+
+
+def _pack(
+    graphdef: nnx.GraphDef, state: nnx.State, into: dict[str, jax.Array] | None
+) -> dict[str, jax.Array]:
+    """The projections' kernels in panels, once per generation: a jit of its own, so the decode loop
+    takes them as arguments like the weights, without copies; written into the previous call's
+    panels (``into``, donated) when there are any."""
+    model: Qwen25VL = nnx.merge(graphdef, state)
+    return {
+        path: packed_matmul.pack(m.kernel[...], None if into is None else into[path])
+        for path, m in _projections(model).items()
+    }
+
+
 def _prefill(
     graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs, features: jax.Array | None
 ) -> tuple[jax.Array, KVCache]:
@@ -123,6 +157,7 @@ def _prefill(
 def _decode_loop(
     graphdef: nnx.GraphDef,
     state: nnx.State,
+    packed: dict[str, jax.Array] | None,
     prompt_cache: KVCache,
     last_logits: jax.Array,
     next_pos: jax.Array,
@@ -132,8 +167,11 @@ def _decode_loop(
     config: SamplingConfig,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Sample up to ``max_new_tokens`` for G rows per prompt of ``prompt_cache`` in one
-    ``lax.while_loop``, which stops early once every row has ended."""
+    ``lax.while_loop``, which stops early once every row has ended. With ``packed`` (from ``_pack``)
+    the language model's projections run on the CPU kernel."""
     model: Qwen25VL = nnx.merge(graphdef, state)
+    for path, linear in _projections(model).items() if packed else ():
+        linear.packed = packed[path]
     steps = config.max_new_tokens
     last_logits, next_pos = (jnp.repeat(x, group_size, axis=0) for x in (last_logits, next_pos))
     n = last_logits.shape[0]
@@ -170,6 +208,14 @@ def _decode_loop(
     return tokens, logps, lengths, done
 
 
+def _on_one_cpu(state: nnx.State) -> bool:
+    """Whether every array of ``state`` lives on one and the same CPU device."""
+    devices = {
+        d for leaf in jax.tree.leaves(state) if hasattr(leaf, "sharding") for d in leaf.sharding.device_set
+    }
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 class Sampler:
     """Generation for one model structure; pass the current parameters to every call.
 
@@ -184,6 +230,9 @@ class Sampler:
         self.graphdef, _ = nnx.split(model)
         self._vision = jax.jit(self._vision_fn)
         self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
+        self._packable = bool(_projections(model))  # float32 projections the CPU kernel can take
+        self._pack = jax.jit(functools.partial(_pack, self.graphdef), donate_argnums=1)
+        self._panels: dict[str, jax.Array] | None = None  # the last packing, reused by the next
         self._decode = jax.jit(
             functools.partial(_decode_loop, self.graphdef, config=config),
             static_argnames=("group_size",),
@@ -191,6 +240,12 @@ class Sampler:
 
     def _vision_fn(self, state: nnx.State, inputs: ModelInputs) -> jax.Array:
         return nnx.merge(self.graphdef, state).image_features(inputs)
+
+    def uses_cpu_kernel(self, state: nnx.State) -> bool:
+        """Whether decoding ``state`` takes the packed CPU kernel: enabled, float32 projections, built,
+        and the model on one CPU device (the kernel has no sharding rule: a sharded model keeps XLA's
+        dot). It holds a packed copy of those weights between calls, which the next call reuses."""
+        return self.config.cpu_kernel and self._packable and _on_one_cpu(state) and packed_matmul.available()
 
     def image_features(self, state: nnx.State, inputs: ModelInputs) -> jax.Array | None:
         """The vision tower over every image of the batch's prompts, once; padded to the row bucket."""
@@ -206,8 +261,11 @@ class Sampler:
         text_only = dataclasses.replace(inputs, pixel_values=None, vision=None)
         last, cache = self._prefill(state, text_only, features)
         # Each prompt's prefilled cache and last logits serve its G samples.
+        packed = None
+        if self.config.max_new_tokens > 1 and self.uses_cpu_kernel(state):  # the first token needs no step
+            packed = self._panels = self._pack(state, self._panels)
         tokens, logps, lengths, done = self._decode(
-            state, cache, last, inputs.next_position, key, group_size=group_size
+            state, packed, cache, last, inputs.next_position, key, group_size=group_size
         )
         tokens, logps, lengths, done = jax.device_get((tokens, logps, lengths, done))
         mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scalereasoner_jax.kernels.packed_matmul import packed_matmul
+
 Axes = tuple[str | None, ...]
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
@@ -34,9 +36,14 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, (d_in, d_out), axes, param_dtype)
         self.bias = param(rngs, (d_out,), axes[-1:], param_dtype, init="zeros") if bias else None
         self.dtype = dtype
+        # The kernel packed in panels for the CPU decoding kernel; set by the sampler inside its jit.
+        self.packed: jax.Array | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.packed is not None:
+            y = packed_matmul(x.astype(self.dtype), self.packed)
+        else:
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
