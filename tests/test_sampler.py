@@ -142,8 +142,10 @@ def test_cpu_kernel_decoding_matches_xla_dot(setup):
     processor, inputs, model = setup
     batch = {k: v.numpy() for k, v in inputs.items()}
     state = nnx.state(model)
-    config = _config(processor, max_new_tokens=8, temperature=0.9)
+    # The tiny model's weights are below the default size for the kernel; take every one here.
+    config = _config(processor, max_new_tokens=8, temperature=0.9, cpu_kernel_min_bytes=0)
     packed = Sampler(model, config)
+    assert not Sampler(model, _config(processor, max_new_tokens=8)).uses_cpu_kernel(nnx.state(model))
     plain = Sampler(model, dataclasses.replace(config, cpu_kernel=False))
     assert packed.uses_cpu_kernel(state) == packed_matmul.available() and not plain.uses_cpu_kernel(state)
     a = packed.generate(state, batch, group_size=3, key=jax.random.key(5))

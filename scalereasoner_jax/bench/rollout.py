@@ -164,6 +164,9 @@ def run(
     times = {name: [] for name in contestants}
     for _ in range(runs):
         for name, fn in contestants.items():
+            # torch's and XLA's worker threads spin for a while after a call; let them settle so that
+            # they do not slow whichever contestant comes next (a third of a tiny call otherwise).
+            time.sleep(0.1)
             times[name].append(_seconds(fn))
     median = {name: statistics.median(t) for name, t in times.items()}
     hf_s, hf_prompt_s = median[("transformers", max_new_tokens)], median[("transformers", 1)]

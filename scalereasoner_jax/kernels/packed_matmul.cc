@@ -25,6 +25,8 @@ namespace {
 constexpr int64_t kPanel = 32;     // columns per panel: two 16-float vectors
 constexpr int kRowBlock = 12;      // rows per pass over a panel: 24 accumulators in registers
 constexpr int64_t kPrefetch = 64;  // panel rows requested ahead of the loads
+// Below this many weight bytes a call runs on the calling thread alone: waking a helper costs more.
+constexpr int64_t kParallelBytes = 256 << 10;
 
 // Rows [0, R) of x against one panel, into y's 32 columns of the panel (y's row stride n).
 template <int R>
@@ -121,7 +123,8 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<f
   if (wd.size() != 2 || pd.size() != 3 || pd[2] != kPanel || pd[1] != wd[0] || pd[0] * kPanel != wd[1]) {
     return ffi::Error::InvalidArgument("pack: expected W (K, N) and packed (N / 32, K, 32)");
   }
-  const int64_t k_dim = wd[0], n = wd[1], rows = 16;
+  const int64_t k_dim = wd[0], n = wd[1];
+  const int64_t rows = k_dim * n * 4 < kParallelBytes ? k_dim : 16;  // one chunk: the caller alone
   const float* src = w.typed_data();
   float* dst = packed->typed_data();
   Parallel(pool, (k_dim + rows - 1) / rows, [=](int64_t c) {
@@ -145,7 +148,9 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const float* ps = packed.typed_data();
   float* ys = y->typed_data();
   const int64_t m = xd[0], k_dim = xd[1], n = yd[1], panels = pd[0];
-  const int64_t chunk = std::max<int64_t>(1, panels / (4 * std::max<int64_t>(pool.num_threads(), 1)));
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  // A few chunks per thread balance the load; small weights are one chunk, for the caller alone.
+  const int64_t chunk = k_dim * n * 4 < kParallelBytes ? panels : std::max<int64_t>(1, panels / (4 * threads));
   Parallel(pool, (panels + chunk - 1) / chunk, [=](int64_t c) {
     Panels(xs, m, k_dim, ps, ys, n, c * chunk, std::min(c * chunk + chunk, panels));
   });

@@ -44,8 +44,11 @@ class SamplingConfig:
     # Token sequences that end a completion (tokenised stop strings), matched on the generated suffix.
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     feature_bucket: int = 256  # image-feature rows are padded to a multiple of this
-    # Decode with the packed-panel CPU matmul (kernels/packed_matmul) when the model is on one CPU device.
+    # Decode with the packed-panel CPU matmul (kernels/packed_matmul) when the model is on one CPU device,
+    # for weights of at least cpu_kernel_min_bytes (smaller ones stay in cache, where XLA's dot is as
+    # fast and the kernel's call overhead showed: the tiny model decoded 5% slower with it).
     cpu_kernel: bool = True
+    cpu_kernel_min_bytes: int = 256 << 10
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -116,9 +119,9 @@ def _pad_features(features: jax.Array, bucket: int) -> jax.Array:
     return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
 
 
-def _projections(model: Qwen25VL) -> dict[str, Linear]:
+def _projections(model: Qwen25VL, min_bytes: int) -> dict[str, Linear]:
     """The language model's projections that the CPU kernel takes (float32, width a multiple of the
-    panel), by path."""
+    panel, at least ``min_bytes``), by path."""
     found = {}
     for name, part in (("language_model", model.language_model), ("lm_head", model.lm_head)):
         for path, m in nnx.iter_modules(part) if part is not None else ():
@@ -126,13 +129,14 @@ def _projections(model: Qwen25VL) -> dict[str, Linear]:
                 isinstance(m, Linear)
                 and jnp.dtype(m.dtype) == jnp.float32
                 and packed_matmul.packable(m.kernel[...])
+                and m.kernel[...].nbytes >= min_bytes
             ):
                 found["/".join(map(str, (name, *path)))] = m
     return found
 
 
 def _pack(
-    graphdef: nnx.GraphDef, state: nnx.State, into: dict[str, jax.Array] | None
+    graphdef: nnx.GraphDef, min_bytes: int, state: nnx.State, into: dict[str, jax.Array] | None
 ) -> dict[str, jax.Array]:
     """The projections' kernels in panels, once per generation: a jit of its own, so the decode loop
     takes them as arguments like the weights, without copies; written into the previous call's
@@ -140,7 +144,7 @@ def _pack(
     model: Qwen25VL = nnx.merge(graphdef, state)
     return {
         path: packed_matmul.pack(m.kernel[...], None if into is None else into[path])
-        for path, m in _projections(model).items()
+        for path, m in _projections(model, min_bytes).items()
     }
 
 
@@ -170,7 +174,7 @@ def _decode_loop(
     ``lax.while_loop``, which stops early once every row has ended. With ``packed`` (from ``_pack``)
     the language model's projections run on the CPU kernel."""
     model: Qwen25VL = nnx.merge(graphdef, state)
-    for path, linear in _projections(model).items() if packed else ():
+    for path, linear in _projections(model, config.cpu_kernel_min_bytes).items() if packed else ():
         linear.packed = packed[path]
     steps = config.max_new_tokens
     last_logits, next_pos = (jnp.repeat(x, group_size, axis=0) for x in (last_logits, next_pos))
@@ -230,8 +234,10 @@ class Sampler:
         self.graphdef, _ = nnx.split(model)
         self._vision = jax.jit(self._vision_fn)
         self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
-        self._packable = bool(_projections(model))  # float32 projections the CPU kernel can take
-        self._pack = jax.jit(functools.partial(_pack, self.graphdef), donate_argnums=1)
+        self._packable = bool(_projections(model, config.cpu_kernel_min_bytes))  # any for the CPU kernel?
+        self._pack = jax.jit(
+            functools.partial(_pack, self.graphdef, config.cpu_kernel_min_bytes), donate_argnums=1
+        )
         self._panels: dict[str, jax.Array] | None = None  # the last packing, reused by the next
         self._decode = jax.jit(
             functools.partial(_decode_loop, self.graphdef, config=config),
