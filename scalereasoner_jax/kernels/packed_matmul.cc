@@ -1,8 +1,8 @@
 // y[M, N] = x[M, K] @ W[K, N] for the few rows of a decoding step, with W packed as panels
 // P[N / 32][K][32] (see packed_matmul.py). Each panel is one contiguous stream from memory, so the
 // product runs at the machine's memory bandwidth; with W row-major, a 32-column slice is a strided
-// walk that the hardware prefetchers do not follow, and the arithmetic of 10+ rows no longer hides
-// behind the loads. Panels are shared between the calling thread and XLA's intra-op thread pool.
+// walk that the hardware prefetchers do not follow, and the product costs the streaming plus its
+// arithmetic. Panels are handed out to the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,9 +34,9 @@ void RowBlock(const float* x, int64_t k_dim, const float* panel, float* y, int64
   __m512 lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
-    // Prefetches never fault, so running past the panel's end is harmless.
-    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetch) * kPanel), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetch) * kPanel + 16), _MM_HINT_T0);
+    const float* ahead = panel + std::min(k + kPrefetch, k_dim - 1) * kPanel;
+    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
     const __m512 w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
     for (int r = 0; r < R; ++r) {
